@@ -1,0 +1,27 @@
+"""pyrajax: a JAX LLaMA inference engine with PyramidInfer layer-wise KV-cache compression."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from pyrajax.cache import PyramidConfig, cache_preset
+from pyrajax.config import ModelConfig, preset
+from pyrajax.generate import GenerationConfig, GenerationResult, generate, logits
+from pyrajax.params import Params, random_params
+
+
+def load(path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
+    """Load a checkpoint written by `pyrajax-convert`: (params, config). The config remembers the checkpoint's
+    tokenizer, so `generate` can take strings and return texts."""
+    from pyrajax.params import load_checkpoint
+    params, config = load_checkpoint(path, dtype)
+    tok = Path(path).absolute() / "tokenizer"
+    if tok.is_dir():
+        config = dataclasses.replace(config, tokenizer_dir=str(tok))
+    return params, config
+
+
+__all__ = ["GenerationConfig", "GenerationResult", "ModelConfig", "Params", "PyramidConfig", "cache_preset",
+           "generate", "load", "logits", "preset", "random_params"]

@@ -1,0 +1,343 @@
+"""KV cache as a pytree, and the cache policies (full and PyramidInfer) as data.
+
+Layout invariants, for every layer and every sequence b:
+  * slots [0, length[b]) hold valid tokens in original order; slots >= length[b] are empty (pos -1);
+  * `pos` is each token's original position; keys are stored after RoPE.
+Each layer's capacity is a static Python number computed from the prompt bucket, the generation bucket and
+the policy (`CachePlan`), so one compiled program serves every request of a bucket. What differs between
+sequences of one batch (prompt length, window, per-layer keep counts and budgets) is *data* (`SeqPlan`),
+which is why a sequence's result never depends on its batch companions.
+
+The full cache is the same machinery with nothing dropped: `PyramidConfig.full()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from pyrajax.config import ModelConfig
+
+BIG = 3e38  # priority of tokens that must be kept (sinks, window) and of empty slots during eviction
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy configuration
+
+@dataclasses.dataclass(frozen=True)
+class PyramidConfig:
+    """A cache policy. `prefill_schedule` decides how many tokens enter each layer during prefill;
+    `gen_rule` decides what generation evicts.
+
+    prefill_schedule: "none" (every layer sees the whole prompt), "cosine" (the reference's compounding
+        keep fraction s_l = (1-r)(cos(pi l/L)+1)/2 + r of the context), "budget" (layer l's prefill
+        length is its budget minus one generation block).
+    gen_rule: "none" (append only), "reference" (every `gen_block` tokens that leave the recent window are
+        cut to k_l = max(floor(gen_block * gen_decay * g_l), 1)), "budget" (when a layer's cache reaches its
+        budget, the `gen_block` lowest-scored tokens outside sinks and window are evicted).
+    """
+    name: str = "custom"
+    recent_ratio: float = 0.2
+    recency_weight: tuple[float, float] = (1.0, 1.2)
+    num_sinks: int = 4
+    prefill_schedule: str = "cosine"
+    decay_ratio: float = 0.9
+    min_context: int = 64
+    gen_rule: str = "reference"
+    gen_block: int = 16
+    gen_decay: float = 0.9
+    budget: float | None = None
+    length_bucket: int = 8
+
+    def __post_init__(self):
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"PyramidConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+        need(0 < self.recent_ratio <= 1, "recent_ratio", "must lie in (0, 1]")
+        need(len(self.recency_weight) == 2 and 0 < self.recency_weight[0] <= self.recency_weight[1],
+             "recency_weight", "must be (first, last) with 0 < first <= last")
+        need(isinstance(self.num_sinks, int) and self.num_sinks >= 0, "num_sinks", "must be an int >= 0")
+        need(self.prefill_schedule in ("none", "cosine", "budget"), "prefill_schedule",
+             "must be 'none', 'cosine' or 'budget'")
+        need(0 < self.decay_ratio <= 1, "decay_ratio", "must lie in (0, 1]")
+        need(isinstance(self.min_context, int) and self.min_context >= 0, "min_context", "must be an int >= 0")
+        need(self.gen_rule in ("none", "reference", "budget"), "gen_rule",
+             "must be 'none', 'reference' or 'budget'")
+        need(isinstance(self.gen_block, int) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
+        need(0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
+        need(isinstance(self.length_bucket, int) and self.length_bucket >= 1, "length_bucket",
+             "must be an int >= 1")
+        is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
+        need((self.budget is not None) == is_budget, "budget",
+             "must be set exactly when prefill_schedule or gen_rule is 'budget'")
+        if self.budget is not None:
+            need(0 < self.budget <= 1, "budget", "must lie in (0, 1] (a fraction of the full cache)")
+        object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
+
+    @property
+    def scores_generation(self) -> bool:
+        return self.gen_rule != "none"
+
+    @classmethod
+    def full(cls) -> "PyramidConfig":
+        return cls(name="full", prefill_schedule="none", gen_rule="none")
+
+
+def cache_preset(name: str) -> PyramidConfig:
+    """Named policies: "full", "paper" (the reference settings) and "budget-F" (whole cache <= F of full)."""
+    if name == "full":
+        return PyramidConfig.full()
+    if name == "paper":
+        return PyramidConfig(name="paper")
+    if name.startswith("budget-"):
+        try:
+            frac = float(name.removeprefix("budget-"))
+        except ValueError:
+            frac = None
+        if frac is not None:
+            return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=frac)
+    raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or 'budget-F' with F in (0, 1] "
+                     "(e.g. 'budget-0.45'), or pass a PyramidConfig")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Static per-layer lengths (pure Python: they depend only on lengths and the policy, never on attention)
+
+def window_size(policy: PyramidConfig, prompt_len: int) -> int:
+    return min(prompt_len, 1 + math.floor(policy.recent_ratio * prompt_len))
+
+
+def gen_keep_counts(policy: PyramidConfig, num_layers: int) -> list[int]:
+    """Reference rule: how many of each block of `gen_block` generated tokens layer l keeps."""
+    g = [0.9 * (math.cos(math.pi * l / num_layers) + 1) / 2 + 0.1 for l in range(num_layers)]
+    return [max(math.floor(policy.gen_block * policy.gen_decay * gl), 1) for gl in g]
+
+
+def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> list[int]:
+    """Per-layer budgets (tokens) whose sum is <= budget * L * (S + T), decaying with depth.
+
+    Layer 0 holds the whole prompt plus one block (every prompt token enters layer 0); deeper layers follow a
+    cosine from high to the smallest workable size (sinks + window + two blocks)."""
+    S, T, L, E = prompt_len, max_new, num_layers, policy.gen_block
+    full = S + T
+    lo = min(full, policy.num_sinks + window_size(policy, S) + 2 * E)
+    first = min(full, S + E)
+    total = math.floor(policy.budget * L * full)
+    rest_mean = (total - first) / max(L - 1, 1)
+    if L > 1 and rest_mean < lo:
+        raise ValueError(
+            f"PyramidConfig.budget={policy.budget} is too small for a {S}-token prompt + {T} new tokens over "
+            f"{L} layers: each layer needs at least sinks + window + 2 blocks = {lo} tokens and layer 0 the "
+            f"whole prompt; use a budget >= {((lo * (L - 1) + first) / (L * full)):.3f} or a smaller "
+            "recent_ratio / gen_block")
+    caps = [first]
+    for l in range(1, L):
+        g = (math.cos(math.pi * (l - 1) / max(L - 2, 1)) + 1) / 2
+        c = min(full, math.floor(lo + 2 * (rest_mean - lo) * g))
+        c = max(lo, c - c % policy.length_bucket)  # bucketed lengths; rounding down keeps within budget
+        caps.append(min(c, caps[-1]))  # never deeper-is-larger: the pyramid only narrows
+    return caps
+
+
+def prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: int,
+                    caps: list[int] | None = None) -> list[int]:
+    """How many tokens enter (and are cached by) each layer during prefill."""
+    S, L = prompt_len, num_layers
+    if policy.prefill_schedule == "none":
+        return [S] * L
+    W = window_size(policy, S)
+    if policy.prefill_schedule == "budget":
+        out = [S]
+        for l in range(1, L):
+            out.append(min(out[-1], caps[l] - policy.gen_block))
+        return out
+    # "cosine": the reference's compounding schedule over the context (tokens outside the window).
+    r = policy.decay_ratio
+    ctx, stopped, out = S - W, False, [S]
+    for l in range(L - 1):
+        if l >= 1 and not stopped:
+            n = math.floor(ctx * ((1 - r) * (math.cos(math.pi * l / L) + 1) / 2 + r))
+            if n <= min(policy.min_context, S - 1 - W):
+                stopped = True
+            else:
+                ctx = n
+        out.append(ctx + W)
+    return out
+
+
+def reference_capacity(n_prefill: int, prompt_len: int, max_new: int, window: int, block: int, keep: int) -> int:
+    """Largest length a layer reaches under the reference generation rule (simulated step by step, in the
+    same order as `decode_step`: evict, then append)."""
+    length, upto, best = n_prefill, prompt_len, n_prefill
+    for t in range(max_new):
+        p = prompt_len + t
+        if upto + block - 1 <= p - window:
+            length -= block - keep
+            upto += block
+        length += 1
+        best = max(best, length)
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    """Static shapes of one bucket: hashable, a static argument of the compiled programs."""
+    policy: PyramidConfig
+    prompt_bucket: int
+    new_bucket: int
+    window: int  # static number of window rows (the bucket's window; each sequence's own is <= this)
+    prefill: tuple[int, ...]  # slots entering layer l in prefill
+    capacity: tuple[int, ...]  # slots of layer l's cache
+    evict: tuple[int, ...]  # tokens evicted per eviction event, per layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.capacity)
+
+
+def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int):
+    """(prefill lengths, capacities, evictions per event, budgets) for one prompt length."""
+    L = num_layers
+    caps = budget_capacities(policy, prompt_len, max_new, L) if policy.budget is not None else None
+    pre = prefill_lengths(policy, prompt_len, L, caps)
+    if policy.gen_rule == "none":
+        return pre, [n + max_new for n in pre], [0] * L, [n + max_new for n in pre]
+    if policy.gen_rule == "budget":
+        return pre, caps, [policy.gen_block] * L, caps
+    W = window_size(policy, prompt_len)
+    keep = gen_keep_counts(policy, L)
+    cap = [reference_capacity(pre[l], prompt_len, max_new, W, policy.gen_block, keep[l]) for l in range(L)]
+    return pre, cap, [policy.gen_block - k for k in keep], cap
+
+
+def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int) -> CachePlan:
+    pre, cap, evict, _ = layer_lengths(policy, prompt_bucket, new_bucket, num_layers)
+    return CachePlan(policy=policy, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
+                     window=window_size(policy, prompt_bucket), prefill=tuple(pre), capacity=tuple(cap),
+                     evict=tuple(evict))
+
+
+@struct.dataclass
+class SeqPlan:
+    """Per-sequence schedule, as data. keep[b, l]: tokens of sequence b entering layer l in prefill;
+    budget[b, l]: its budget at layer l (budget rule)."""
+    prompt_len: Int[Array, " B"]
+    window: Int[Array, " B"]
+    keep: Int[Array, "B L"]
+    budget: Int[Array, "B L"]
+
+
+def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int) -> SeqPlan:
+    rows = []
+    for s in prompt_lens:
+        pre, cap, _, budget = layer_lengths(plan.policy, s, max_new, plan.num_layers)
+        if any(p > P for p, P in zip(pre, plan.prefill)) or any(c > C for c, C in zip(cap, plan.capacity)):
+            raise AssertionError(f"a {s}-token prompt needs more slots than its bucket plan {plan}")
+        rows.append((s, window_size(plan.policy, s), pre, budget))
+    return SeqPlan(prompt_len=np.array([r[0] for r in rows], np.int32), window=np.array([r[1] for r in rows], np.int32),
+                   keep=np.array([r[2] for r in rows], np.int32), budget=np.array([r[3] for r in rows], np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache pytree
+
+@struct.dataclass
+class LayerCache:
+    k: Float[Array, "B K C hd"]
+    v: Float[Array, "B K C hd"]
+    pos: Int[Array, "B C"]  # original position of each slot, -1 when empty
+    length: Int[Array, " B"]  # valid slots, all at the front
+    rows: Float[Array, "B W C"] | None  # head-averaged attention rows of the last W queries (ring by position)
+
+
+@struct.dataclass
+class KVCache:
+    layers: tuple[LayerCache, ...]
+    seq: SeqPlan
+    next_pos: Int[Array, " B"]  # position of the next token to be written
+    row_pos: Int[Array, "B W"] | None  # query position of each ring row, -1 when empty or outside the window
+    compressed_upto: Int[Array, " B"]  # reference rule: generated positions below this were already cut
+
+
+def kv_bytes(cache: KVCache) -> list[int]:
+    """Exact bytes of each layer's K and V arrays."""
+    return [lc.k.nbytes + lc.v.nbytes for lc in cache.layers]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring and selection (plain jnp; the Pallas kernels are drop-ins for the heavy parts)
+
+def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window: Int[Array, " B"],
+                    weight: tuple[float, float]) -> Float[Array, "B W"]:
+    """Row weights: linear from weight[0] (oldest window query) to weight[1] (newest), zero outside each
+    sequence's window; divided by the window so that the weighted sum is the weighted mean over rows."""
+    age = newest[:, None] - row_pos
+    span = jnp.maximum(window - 1, 1)[:, None].astype(jnp.float32)
+    w = weight[1] - (weight[1] - weight[0]) * age.astype(jnp.float32) / span
+    inside = (row_pos >= 0) & (age >= 0) & (age < window[:, None])
+    return jnp.where(inside, w, 0.0) / window[:, None].astype(jnp.float32)
+
+
+def window_rows(q: Float[Array, "B n H hd"], k: Float[Array, "B n K hd"], pos: Int[Array, "B n"],
+                length: Int[Array, " B"], W: int):
+    """Head-averaged softmax rows of the last W valid queries against all n keys: rows [B, W, n] (float32)
+    and the query position of each row ([B, W], -1 where a sequence has fewer than W tokens).
+    Only the W window rows are computed; the n x n matrix never exists."""
+    K = k.shape[2]
+    idx = length[:, None] - W + jnp.arange(W)[None, :]
+    row_pos = jnp.where(idx >= 0, jnp.take_along_axis(pos, jnp.maximum(idx, 0), axis=1), -1)
+    qw = jnp.take_along_axis(q, jnp.maximum(idx, 0)[:, :, None, None], axis=1)  # [B, W, H, hd]
+    qw = qw.reshape(qw.shape[0], W, K, -1, qw.shape[-1])
+    s = jnp.einsum("bwkgd,bnkd->bkgwn", qw, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+    vis = (pos[:, None, :] >= 0) & (pos[:, None, :] <= row_pos[:, :, None])
+    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    return jnp.mean(p, axis=(1, 2)), row_pos
+
+
+def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: SeqPlan, keep: Int[Array, " B"],
+                   num_sinks: int, out_len: int):
+    """Prefill selection after one layer: per sequence, keep its sinks, its window and the top-scored context
+    tokens, `keep[b]` tokens in all, in original order at the front of `out_len` slots.
+    Returns (gather indices [B, out_len], new positions [B, out_len] with -1 for unused slots)."""
+    n = pos.shape[1]
+    valid = pos >= 0
+    forced = (pos < num_sinks) | (pos >= (seq.prompt_len - seq.window)[:, None])
+    priority = jnp.where(valid, jnp.where(forced, BIG, scores), -jnp.inf)
+    _, idx = jax.lax.top_k(priority, out_len)  # best first; ties go to the earlier slot
+    chosen = jnp.arange(out_len)[None, :] < keep[:, None]
+    order = jnp.sort(jnp.where(chosen, idx, idx + n), axis=1)  # chosen first, each group in slot order
+    idx = order % n
+    new_pos = jnp.where(order < n, jnp.take_along_axis(pos, idx, axis=1), -1)
+    return idx, new_pos
+
+
+def row_scores(lc: LayerCache, row_pos, newest, window, weight) -> Float[Array, "B C"]:
+    return jnp.einsum("bw,bwc->bc", recency_weights(row_pos, newest, window, weight), lc.rows)
+
+
+def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array,
+          n_evict: int) -> LayerCache:
+    """Drop the `n_evict` lowest-scored candidate slots of every triggered sequence and compact the rest to
+    the front in order. Non-candidates (sinks, window, protected blocks, empty slots) always stay."""
+    C = lc.pos.shape[1]
+    priority = jnp.where(candidate, scores, BIG)
+    _, idx = jax.lax.top_k(priority, C - n_evict)
+    idx = jnp.sort(idx, axis=1)
+    k = jnp.take_along_axis(lc.k, idx[:, None, :, None], axis=2)
+    v = jnp.take_along_axis(lc.v, idx[:, None, :, None], axis=2)
+    pos = jnp.take_along_axis(lc.pos, idx, axis=1)
+    rows = jnp.take_along_axis(lc.rows, idx[:, None, :], axis=2)
+    pad = lambda a, axis, fill: jnp.concatenate(
+        [a, jnp.full(a.shape[:axis] + (n_evict,) + a.shape[axis + 1:], fill, a.dtype)], axis=axis)
+    new = LayerCache(k=pad(k, 2, 0), v=pad(v, 2, 0), pos=pad(pos, 1, -1), length=lc.length - n_evict,
+                     rows=pad(rows, 2, 0.0))
+    pick = lambda a, b: jnp.where(trigger.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return jax.tree.map(pick, new, lc)

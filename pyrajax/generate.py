@@ -1,0 +1,341 @@
+"""Prefill, decode step, the jitted decode loop and the public `generate`.
+
+One compiled prefill and one compiled decode loop serve every request of a bucket: prompts are right-padded to
+a length bucket, the batch to a batch bucket, and `max_new_tokens` to a generation bucket; everything that
+varies inside a bucket (prompt lengths, per-sequence schedules, the number of steps) is data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.decode_attention import decode_attention
+from pyrajax import cache as kvc
+from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
+from pyrajax.config import ModelConfig
+from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv
+from pyrajax.params import Params, check_params
+
+# How many times each program was traced (= compiled); tests use it to prove one compilation per bucket.
+TRACE_COUNTS: Counter = Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    model: ModelConfig
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] | None = None  # None = the model's EOS ids
+    cache: str | PyramidConfig = "full"
+    impl: str = "auto"  # kernels: "pallas", "xla" or "auto" (Pallas on GPU)
+    tokenizer: Any = None  # a transformers tokenizer or a directory; None = the checkpoint's, if any
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.impl not in ("auto", "pallas", "xla"):
+            raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {self.impl!r}")
+        object.__setattr__(self, "policy", self.cache if isinstance(self.cache, PyramidConfig)
+                           else kvc.cache_preset(self.cache))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    texts: list[str] | None
+    stats: dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buckets
+
+def bucket(n: int, minimum: int) -> int:
+    """Next power of two >= n (at least `minimum`); above 1024, the next multiple of 512."""
+    if n > 1024:
+        return -(-n // 512) * 512
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill
+
+def _to_cache_layout(x: jax.Array, capacity: int, fill) -> jax.Array:
+    """[B, n, ...] -> padded to `capacity` slots along axis 1."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, capacity - x.shape[1])
+    return jnp.pad(x, pad, constant_values=fill)
+
+
+def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig):
+    """Run the prompt through every layer, pruning between layers per the plan.
+    Returns (logits of each sequence's last prompt token [B, V], the filled KVCache)."""
+    B, S = tokens.shape
+    policy, W, L = plan.policy, plan.window, plan.num_layers
+    pos = jnp.where(jnp.arange(S)[None, :] < seq.prompt_len[:, None], jnp.arange(S)[None, :], -1).astype(jnp.int32)
+    x = embed(params, tokens)
+    # Ring slot of each window row: query position mod W, so decoding can keep overwriting the oldest row.
+    ring_src = (jnp.arange(W)[None, :] - (seq.prompt_len[:, None] - W)) % W  # ring slot r <- window row
+    row_pos = None
+    layers = []
+    for l, lp in enumerate(params.layers):
+        C = plan.capacity[l]
+        q, k, v = qkv(lp, x, pos, cfg)
+        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
+        length = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
+        select = policy.prefill_schedule != "none" and l + 1 < L
+        rows = None
+        if select or policy.scores_generation:
+            win_rows, win_pos = kvc.window_rows(q, k, pos, length, W)
+            if row_pos is None:
+                in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
+                row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)
+        if policy.scores_generation:
+            rows = _to_cache_layout(jnp.take_along_axis(win_rows, ring_src[:, :, None], axis=1).swapaxes(1, 2),
+                                    C, 0.0).swapaxes(1, 2)
+        layers.append(LayerCache(k=_to_cache_layout(k, C, 0).swapaxes(1, 2), v=_to_cache_layout(v, C, 0).swapaxes(1, 2),
+                                 pos=_to_cache_layout(pos, C, -1), length=length, rows=rows))
+        if select:
+            weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight)
+            scores = jnp.einsum("bw,bwn->bn", weights, win_rows)
+            idx, pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l + 1], policy.num_sinks,
+                                          plan.prefill[l + 1])
+            x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+    last = jnp.sum(pos >= 0, axis=1) - 1
+    logits = lm_logits(params, jnp.take_along_axis(x, last[:, None, None], axis=1), cfg)[:, 0]
+    cache = KVCache(layers=tuple(layers), seq=seq, next_pos=seq.prompt_len.astype(jnp.int32), row_pos=row_pos,
+                    compressed_upto=seq.prompt_len.astype(jnp.int32))
+    return logits, cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+
+def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax.Array) -> LayerCache:
+    """Generation-phase eviction for one layer, before the new token is appended."""
+    policy, seq, E = plan.policy, cache.seq, plan.evict[l]
+    if policy.gen_rule == "none" or E == 0:
+        return lc
+    slot_used = jnp.arange(lc.pos.shape[1])[None, :] < lc.length[:, None]
+    if policy.gen_rule == "reference":
+        # The oldest uncut block of generated tokens, once it has entirely left the recent window.
+        lo = cache.compressed_upto[:, None]
+        trigger = cache.compressed_upto + policy.gen_block - 1 <= p - seq.window
+        candidate = slot_used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
+    else:  # "budget": the layer is at its budget; anything but sinks and the window may go
+        trigger = lc.length >= seq.budget[:, l]
+        candidate = slot_used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+    scores = kvc.row_scores(lc, cache.row_pos, p - 1, seq.window, policy.recency_weight)
+    return jax.lax.cond(jnp.any(trigger), lambda: kvc.evict(lc, scores, candidate, trigger, E), lambda: lc)
+
+
+def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
+                impl: str = "auto"):
+    """One new token per sequence through every layer: (logits [B, V], updated cache)."""
+    B = token.shape[0]
+    b = jnp.arange(B)
+    p = cache.next_pos
+    x = embed(params, token[:, None])
+    layers = []
+    for l, lp in enumerate(params.layers):
+        lc = _maybe_evict(cache.layers[l], cache, l, plan, p)
+        q, k, v = qkv(lp, x, p[:, None], cfg)
+        slot = lc.length
+        lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0]), v=lc.v.at[b, :, slot].set(v[:, 0]),
+                        pos=lc.pos.at[b, slot].set(p), length=lc.length + 1)
+        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, jnp.max(lc.length), impl=impl)
+        if lc.rows is not None:
+            lc = lc.replace(rows=lc.rows.at[b, p % plan.window].set(prob))
+        x = finish_layer(lp, x, out[:, None], cfg)
+        layers.append(lc)
+    cache = cache.replace(layers=tuple(layers), next_pos=p + 1)
+    if cache.row_pos is not None:
+        cache = cache.replace(row_pos=cache.row_pos.at[b, p % plan.window].set(p))
+    if plan.policy.gen_rule == "reference":
+        cut = cache.compressed_upto + plan.policy.gen_block - 1 <= p - cache.seq.window
+        cache = cache.replace(compressed_upto=cache.compressed_upto + jnp.where(cut, plan.policy.gen_block, 0))
+    return lm_logits(params, x, cfg)[:, 0], cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling and the compiled programs
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: int) -> jax.Array:
+    """Greedy when temperature == 0; else temperature, then top-k (static k), then nucleus top-p."""
+    greedy = jnp.argmax(logits, axis=-1)
+    x = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(x, top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+    # Smallest set whose mass reaches top_p: the cut-off is the last sorted logit with mass-before < top_p.
+    n_keep = jnp.sum((cum - jax.nn.softmax(sorted_x, axis=-1)) < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1)
+    x = jnp.where(x < cutoff, -jnp.inf, x)
+    sampled = jax.random.categorical(key, x, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k"))
+def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, top_k):
+    TRACE_COUNTS["prefill"] += 1
+    logits, cache = prefill(params, tokens, seq, plan, cfg)
+    return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, top_k), cache
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k", "impl"), donate_argnames=("cache",))
+def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop_ids, *, plan, cfg, top_k, impl):
+    TRACE_COUNTS["decode"] += 1
+    B = first.shape[0]
+    out = jnp.full((B, plan.new_bucket), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_ids)
+
+    def cond(state):
+        t, _, _, _, done = state
+        return (t < max_new) & ~jnp.all(done)
+
+    def body(state):
+        t, token, cache, out, done = state
+        logits, cache = decode_step(params, cache, token, plan, cfg, impl)
+        token = sample(logits, jax.random.fold_in(key, t), temperature, top_p, top_k)
+        out = out.at[:, t].set(jnp.where(done, -1, token))
+        return t + 1, token, cache, out, done | jnp.isin(token, stop_ids)
+
+    _, _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done))
+    return out, cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def get_tokenizer(cfg: GenerationConfig):
+    tok = cfg.tokenizer if cfg.tokenizer is not None else cfg.model.tokenizer_dir
+    return _load_tokenizer(str(tok)) if isinstance(tok, (str, bytes)) or hasattr(tok, "__fspath__") else tok
+
+
+def _validate_prompts(prompts, cfg: GenerationConfig, tokenizer) -> list[list[int]]:
+    mc = cfg.model
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of prompts (token-id lists or strings)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is a string but no tokenizer is known; pass token ids, or "
+                                 "GenerationConfig(tokenizer=...), or load a checkpoint that has one")
+            p = tokenizer.encode(p)
+        p = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {mc.vocab_size}): {bad[:5]}")
+        if len(p) + cfg.max_new_tokens > mc.max_positions:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} that "
+                             f"exceeds the model's {mc.max_positions} positions; shorten the prompt or "
+                             "generate fewer tokens")
+        out.append(p)
+    return out
+
+
+def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult:
+    """Generate for a ragged batch of prompts. See GenerationConfig for the settings."""
+    mc = cfg.model
+    check_params(params, mc)
+    tokenizer = get_tokenizer(cfg)
+    prompts = _validate_prompts(prompts, cfg, tokenizer)
+    n = len(prompts)
+    lens = [len(p) for p in prompts]
+    S, T, B = bucket(max(lens), 16), bucket(cfg.max_new_tokens, 16), bucket(n, 1)
+    plan = kvc.make_plan(cfg.policy, S, T, mc.num_layers)
+    # Filler rows for the batch bucket repeat the first prompt; their results are dropped.
+    rows = prompts + [prompts[0]] * (B - n)
+    seq = kvc.make_seq_plan(plan, [len(p) for p in rows], cfg.max_new_tokens)
+    tokens = np.full((B, S), mc.pad_id, np.int32)
+    for i, p in enumerate(rows):
+        tokens[i, :len(p)] = p
+    stop = np.array(cfg.stop_ids if cfg.stop_ids is not None else mc.eos_ids, np.int32).reshape(-1)
+    key = jax.random.key(cfg.seed)
+    temperature, top_p = jnp.float32(cfg.temperature), jnp.float32(cfg.top_p)
+
+    t0 = time.perf_counter()
+    first, cache = _prefill_program(params, tokens, seq, key, temperature, top_p, plan=plan, cfg=mc,
+                                    top_k=cfg.top_k)
+    first.block_until_ready()
+    t1 = time.perf_counter()
+    after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
+    per_layer = kvc.kv_bytes(cache)
+    out, cache = _decode_program(params, cache, first, key, jnp.int32(cfg.max_new_tokens), temperature, top_p,
+                                 stop, plan=plan, cfg=mc, top_k=cfg.top_k, impl=cfg.impl)
+    out = np.asarray(out)
+    t2 = time.perf_counter()
+
+    tokens_out = []
+    for row in out[:n, :cfg.max_new_tokens]:
+        seq_toks = []
+        for t in row.tolist():
+            if t < 0 or t in stop:
+                break
+            seq_toks.append(t)
+        tokens_out.append(seq_toks)
+    at_end = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
+    itemsize = jnp.dtype(params.embed.dtype).itemsize
+    per_token = mc.kv_bytes_per_token_layer(itemsize)
+    full = B * mc.num_layers * (S + T) * per_token
+    stats = dict(
+        policy=cfg.policy.name, prompt_bucket=S, new_bucket=T, batch_bucket=B,
+        kv_bytes=int(sum(per_layer)), kv_bytes_per_layer=[int(b) for b in per_layer], full_kv_bytes=int(full),
+        kv_fraction=sum(per_layer) / full, capacity_per_layer=list(plan.capacity),
+        lengths_after_prefill=after_prefill.tolist(), lengths_at_end=at_end.tolist(),
+        live_kv_bytes=int(at_end.sum() * per_token),
+        prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        generated_tokens=sum(len(t) for t in tokens_out),
+    )
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens_out] if tokenizer is not None else None
+    return GenerationResult(tokens=tokens_out, texts=texts, stats=stats)
+
+
+def logits(params: Params, tokens, config: ModelConfig) -> jax.Array:
+    """Full-sequence logits [B, T, V] (float32) for a batch of equal-length token lists."""
+    check_params(params, config)
+    toks = np.asarray(tokens, dtype=np.int64)
+    if toks.ndim == 1:
+        toks = toks[None]
+    if toks.ndim != 2 or toks.shape[1] == 0:
+        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {toks.shape}")
+    if toks.min() < 0 or toks.max() >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size})")
+    if toks.shape[1] > config.max_positions:
+        raise ValueError(f"{toks.shape[1]} tokens exceed the model's {config.max_positions} positions")
+    pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
+    return _forward_jit(params, jnp.asarray(toks, jnp.int32), jnp.asarray(pos), config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward_jit(params, tokens, pos, config):
+    return forward(params, tokens, pos, config)

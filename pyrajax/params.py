@@ -1,0 +1,161 @@
+"""Weights as a registered pytree, and their orbax checkpoint format.
+
+Matrices are stored [in, out] so that `x @ w` is the forward map. Q/K projection columns use the HF
+("rotate-half") rotary layout: within each head, the first half of the features pairs with the second half.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pyrajax.config import ModelConfig
+
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: jax.Array  # [D]
+    wq: jax.Array  # [D, H*hd]
+    wk: jax.Array  # [D, K*hd]
+    wv: jax.Array  # [D, K*hd]
+    wo: jax.Array  # [H*hd, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate: jax.Array  # [D, F]
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+
+
+@struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]; None when tied to `embed`
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every weight of one layer and of the globals, keyed by field name."""
+    D, F, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    return {
+        "embed": (cfg.vocab_size, D), "final_norm": (D,), "lm_head": (D, cfg.vocab_size),
+        "attn_norm": (D,), "wq": (D, cfg.num_heads * hd), "wk": (D, cfg.num_kv_heads * hd),
+        "wv": (D, cfg.num_kv_heads * hd), "wo": (cfg.num_heads * hd, D), "mlp_norm": (D,),
+        "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
+    }
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first weight whose shape does not match `cfg`."""
+    shapes = expected_shapes(cfg)
+    if len(params.layers) != cfg.num_layers:
+        raise ValueError(f"params have {len(params.layers)} layers but the config says {cfg.num_layers}; "
+                         "load the params and config from the same checkpoint")
+    if (params.lm_head is None) != cfg.tie_embeddings:
+        raise ValueError(f"config.tie_embeddings={cfg.tie_embeddings} but params "
+                         f"{'lack' if params.lm_head is None else 'have'} an lm_head")
+    named = [("embed", params.embed), ("final_norm", params.final_norm)]
+    if params.lm_head is not None:
+        named.append(("lm_head", params.lm_head))
+    for i, layer in enumerate(params.layers):
+        named += [(f, getattr(layer, f)) for f in LAYER_FIELDS]
+    for name, arr in named:
+        want = shapes[name]
+        if tuple(arr.shape) != want:
+            raise ValueError(f"weight {name} has shape {tuple(arr.shape)} but the config needs {want}; "
+                             "the params do not belong to this config")
+
+
+def cast(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def random_params(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random weights of the exact shapes of `cfg` (tests and benchmarks; created on the default device)."""
+    shapes = expected_shapes(cfg)
+    keys = iter(jax.random.split(key, 3 + 9 * cfg.num_layers))
+
+    def init(name):
+        k = next(keys)
+        if name.endswith("norm"):
+            return (1.0 + 0.1 * jax.random.normal(k, shapes[name])).astype(dtype)
+        return (scale * jax.random.normal(k, shapes[name])).astype(dtype)
+
+    layers = tuple(LayerParams(**{f: init(f) for f in LAYER_FIELDS}) for _ in range(cfg.num_layers))
+    lm_head = None if cfg.tie_embeddings else init("lm_head")
+    return Params(embed=init("embed"), layers=layers, final_norm=init("final_norm"), lm_head=lm_head)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint directory:  config.json, params/ (orbax), tokenizer/ (optional, HF tokenizer files)
+
+def to_tree(params: Params) -> dict:
+    tree = {"embed": params.embed, "final_norm": params.final_norm,
+            "layers": {str(i): {f: getattr(l, f) for f in LAYER_FIELDS} for i, l in enumerate(params.layers)}}
+    if params.lm_head is not None:
+        tree["lm_head"] = params.lm_head
+    return tree
+
+
+def from_tree(tree: dict, cfg: ModelConfig) -> Params:
+    try:
+        layers = tuple(LayerParams(**{f: tree["layers"][str(i)][f] for f in LAYER_FIELDS})
+                       for i in range(cfg.num_layers))
+        params = Params(embed=tree["embed"], layers=layers, final_norm=tree["final_norm"],
+                        lm_head=tree.get("lm_head"))
+    except KeyError as e:
+        raise ValueError(f"checkpoint is missing weight {e}; re-convert it with pyrajax-convert") from None
+    check_params(params, cfg)
+    return params
+
+
+def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokenizer_dir: str | Path | None = None,
+                    force: bool = False) -> Path:
+    """Write a checkpoint atomically: everything goes to a temporary sibling directory, renamed at the end."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
+    check_params(params, cfg)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        (tmp / "config.json").write_text(cfg.to_json())
+        tree = jax.tree.map(np.asarray, to_tree(params))
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", tree)
+        ckptr.wait_until_finished()
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not (path / "config.json").is_file() or not (path / "params").is_dir():
+        raise FileNotFoundError(f"{path} is not a pyrajax checkpoint (needs config.json and params/); "
+                                "create one with `pyrajax-convert SRC DST`")
+    cfg = ModelConfig.load(path / "config.json")
+    tree = ocp.StandardCheckpointer().restore(path / "params")
+    params = from_tree(tree, cfg)
+    return cast(params, dtype), cfg
