@@ -233,7 +233,10 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def get_tokenizer(cfg: GenerationConfig):
+def get_tokenizer(cfg: GenerationConfig | ModelConfig):
+    """The tokenizer that `generate` uses for `cfg` (its own, else the checkpoint's), or None."""
+    if isinstance(cfg, ModelConfig):
+        cfg = GenerationConfig(model=cfg)
     tok = cfg.tokenizer if cfg.tokenizer is not None else cfg.model.tokenizer_dir
     return _load_tokenizer(str(tok)) if isinstance(tok, (str, bytes)) or hasattr(tok, "__fspath__") else tok
 

@@ -1,0 +1,170 @@
+"""Pallas kernels vs their jnp references, in interpret mode on CPU, plus their CUDA (Triton) lowering.
+
+Interpret mode fills every output buffer with NaN (ints: INT_MIN) before the kernel runs, so "no NaN / no
+INT_MIN in the result" checks that the Pallas path writes every element it returns.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import random_positions
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference
+from pallas_kernels.score_reduction import score_reduction, score_reduction_reference
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+INT_MIN = np.iinfo(np.int32).min
+
+
+def assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any(), "NaN in a Pallas output (an element was never written)"
+    tol = 1e-5 if dtype == F32 else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(np.abs(want).max(), 1e-6))
+
+
+def keys(seed, n):
+    return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+# ----------------------------------------------------------------------------- score reduction
+def score_inputs(seed, B, H, K, W, n, hd, dtype):
+    kq, kk, kp, kw = keys(seed, 4)
+    k_pos, last = random_positions(kp, B, n)
+    k_pos = k_pos.at[0].set(-1)  # a fully padded sequence: scores 0, never NaN
+    q_pos = last[:, None] - jnp.arange(W)[::-1]
+    # The window is shorter than W for some sequences: rows outside it have weight 0.
+    win = jnp.arange(W)[None, :] >= jax.random.randint(kw, (B, 1), 0, W // 2 + 1)
+    rw = jnp.where(win, jnp.linspace(1.0, 1.2, W)[None, :], 0.0)
+    rw = rw / rw.sum(1, keepdims=True)
+    return (jax.random.normal(kq, (B, H, W, hd), dtype), jax.random.normal(kk, (B, K, n, hd), dtype),
+            q_pos.astype(jnp.int32), k_pos, rw)
+
+
+@pytest.mark.parametrize("seed,B,H,K,W,n,hd,dtype", [
+    (1, 2, 4, 4, 5, 37, 16, F32),    # G = 1
+    (2, 3, 6, 2, 7, 100, 32, BF16),  # G = 3
+    (3, 2, 8, 2, 9, 64, 16, F32),    # G = 4
+    (4, 2, 8, 1, 17, 50, 32, BF16),  # G = 8, 136 query rows: two row blocks
+])
+def test_score_reduction(seed, B, H, K, W, n, hd, dtype):
+    args = score_inputs(seed, B, H, K, W, n, hd, dtype)
+    got = score_reduction(*args, impl="pallas", interpret=True)
+    want = score_reduction_reference(*args)
+    assert got.shape == (B, n) and got.dtype == F32
+    assert_close(got, want, dtype)
+    _, _, q_pos, k_pos, rw = args
+    invisible = (k_pos < 0) | (k_pos > q_pos.max(1, keepdims=True))
+    assert (np.asarray(got)[np.asarray(invisible)] == 0).all()
+    assert (np.asarray(got[0]) == 0).all()
+    # Each row with a visible key spreads its weight over the keys: the column sums add up to it.
+    has_key = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    np.testing.assert_allclose(got.sum(1), (rw * has_key.any(-1)).sum(1), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- gather
+@pytest.mark.parametrize("seed,B,n,m,D,K,hd,dtype,with_k,with_v", [
+    (5, 2, 100, 75, 96, 3, 32, BF16, True, True),    # three row blocks, odd widths
+    (6, 3, 37, 20, 600, 1, 16, F32, False, False),   # hidden + pos only; two column chunks
+    (7, 2, 64, 33, 64, 2, 24, F32, True, False),     # k only, head dim not a power of two
+])
+def test_pivotal_gather(seed, B, n, m, D, K, hd, dtype, with_k, with_v):
+    ki, kh, kk, kv, kp = keys(seed, 5)
+    idx = jnp.sort(jax.vmap(lambda r: jax.random.permutation(r, n)[:m])(jax.random.split(ki, B)), axis=1)
+    hidden = jax.random.normal(kh, (B, n, D), dtype)
+    pos = random_positions(kp, B, n)[0]
+    k = jax.random.normal(kk, (B, K, n, hd), dtype) if with_k else None
+    v = jax.random.normal(kv, (B, K, n, hd), dtype) if with_v else None
+    got = pivotal_gather(idx.astype(jnp.int32), hidden, pos, k, v, impl="pallas", interpret=True)
+    want = pivotal_gather_reference(idx, hidden, pos, k, v)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert not np.isnan(np.asarray(g, np.float32)).any() and not (np.asarray(g) == INT_MIN).any()
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+# ----------------------------------------------------------------------------- decode attention
+@pytest.mark.parametrize("seed,B,H,K,C,length,hd,dtype,block_c,splits", [
+    (8, 2, 4, 4, 77, 60, 32, F32, 16, 2),      # G = 1, length < C
+    (9, 3, 6, 2, 100, 100, 16, BF16, 32, 3),   # G = 3, full cache
+    (10, 2, 8, 2, 64, 33, 16, F32, None, None),  # G = 4, default blocks
+    (11, 2, 16, 2, 77, 5, 32, BF16, 16, 4),    # G = 8, a tiny length: most splits are empty
+    (12, 2, 8, 8, 40, 0, 16, F32, 16, 2),      # empty cache: zeros, no NaN
+])
+def test_decode_attention(seed, B, H, K, C, length, hd, dtype, block_c, splits):
+    kq, kk, kv, kp, kd = keys(seed, 5)
+    k_pos, last = random_positions(kp, B, C)
+    # Some sequences' new token precedes part of the cache (those slots must stay invisible).
+    q_pos = last + jnp.where(jnp.arange(B) % 2 == 0, 1, -3)
+    args = (jax.random.normal(kq, (B, H, hd), dtype), jax.random.normal(kk, (B, K, C, hd), dtype),
+            jax.random.normal(kv, (B, K, C, hd), dtype), k_pos, q_pos.astype(jnp.int32), jnp.int32(length))
+    out, prob = decode_attention(*args, impl="pallas", interpret=True, block_c=block_c, num_splits=splits)
+    want_out, want_prob = decode_attention_reference(*args)
+    assert out.shape == (B, H, hd) and out.dtype == dtype and prob.shape == (B, C) and prob.dtype == F32
+    assert_close(out, want_out, dtype)
+    assert_close(prob, want_prob, dtype)
+    valid = (jnp.arange(C)[None] < length) & (k_pos >= 0) & (k_pos <= q_pos[:, None])
+    assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
+    np.testing.assert_allclose(prob.sum(1), valid.any(1).astype(F32), rtol=1e-5)
+
+
+def test_decode_length_is_dynamic():
+    """One compiled program serves every length (the cache fills during decoding)."""
+    B, H, K, C, hd = 1, 4, 2, 48, 16
+    kq, kk, kv = keys(13, 3)
+    q, k, v = (jax.random.normal(kq, (B, H, hd)), jax.random.normal(kk, (B, K, C, hd)),
+               jax.random.normal(kv, (B, K, C, hd)))
+    pos, q_pos = jnp.arange(C, dtype=jnp.int32)[None], jnp.array([C], jnp.int32)
+    step = jax.jit(functools.partial(decode_attention, impl="pallas", interpret=True, block_c=16))
+    for length in (7, 16, 48):
+        got = step(q, k, v, pos, q_pos, jnp.int32(length))
+        assert_close(got[0], decode_attention_reference(q, k, v, pos, q_pos, length)[0], F32)
+    assert step._cache_size() == 1
+
+
+def test_dispatch():
+    args = score_inputs(14, 1, 2, 1, 3, 20, 16, F32)
+    np.testing.assert_array_equal(score_reduction(*args, impl="auto"), score_reduction(*args, impl="xla"))
+    with pytest.raises(ValueError):
+        score_reduction(*args, impl="triton")
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+def lower_for_cuda(fn, *specs):
+    """Lower the Pallas path for CUDA on this CPU machine: the Triton custom call is generated (jax falls back to
+    compute capability 9.0, i.e. an H100, when no GPU is present). Compile-time limits still need a GPU."""
+    text = jax.jit(functools.partial(fn, impl="pallas", interpret=False)).trace(*specs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return text.count("__gpu$xla.gpu.triton")
+
+
+S, I32 = jax.ShapeDtypeStruct, jnp.int32
+
+
+@pytest.mark.parametrize("B,H,K,W,n,hd,dtype", [(32, 32, 32, 103, 512, 128, BF16), (2, 6, 2, 5, 37, 16, F32)])
+def test_score_reduction_lowers_for_cuda(B, H, K, W, n, hd, dtype):
+    specs = (S((B, H, W, hd), dtype), S((B, K, n, hd), dtype), S((B, W), I32), S((B, n), I32),
+             S((B, W), F32))
+    assert lower_for_cuda(score_reduction, *specs) == 2
+
+
+@pytest.mark.parametrize("B,n,m,D,K,hd,dtype", [(32, 512, 460, 4096, 32, 128, BF16), (2, 37, 20, 600, 3, 24, F32)])
+def test_gather_lowers_for_cuda(B, n, m, D, K, hd, dtype):
+    specs = (S((B, m), I32), S((B, n, D), dtype), S((B, n), I32), S((B, K, n, hd), dtype), S((B, K, n, hd), dtype))
+    assert lower_for_cuda(pivotal_gather, *specs) == 1
+    assert lower_for_cuda(pivotal_gather, *specs[:3]) == 1
+
+
+@pytest.mark.parametrize("B,H,K,C,hd,dtype", [(32, 32, 32, 4096, 128, BF16), (1, 64, 8, 1024, 128, BF16),
+                                              (2, 6, 2, 77, 16, F32)])
+def test_decode_lowers_for_cuda(B, H, K, C, hd, dtype):
+    specs = (S((B, H, hd), dtype), S((B, K, C, hd), dtype), S((B, K, C, hd), dtype), S((B, C), I32),
+             S((B,), I32), S((), I32))
+    assert lower_for_cuda(decode_attention, *specs) == 1
