@@ -1,0 +1,103 @@
+"""`pyrajax` command line: the demo on the embedded model, and the pyramid plot."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for writing clear code.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    """The model's chat template around one user message, ready for the assistant's answer."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def demo(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import pyrajax
+    from checkpoints_convert.embedded import default_model_dir
+
+    path = args.checkpoint or default_model_dir()
+    on_gpu = jax.default_backend() == "gpu"
+    params, cfg = pyrajax.load(path, dtype=jnp.bfloat16 if on_gpu else jnp.float32)
+    tok = pyrajax.get_tokenizer(cfg)
+    prompts = [chat_tokens(tok, p) for p in (args.prompt or DEMO_PROMPTS)]
+    print(f"model: {path} ({cfg.num_layers} layers, {jax.default_backend()})")
+    results = {}
+    for policy in args.cache:
+        gcfg = pyrajax.GenerationConfig(model=cfg, max_new_tokens=args.max_new_tokens, cache=policy)
+        results[policy] = pyrajax.generate(params, prompts, gcfg)
+    for i, text in enumerate(args.prompt or DEMO_PROMPTS):
+        print(f"\n### {text}")
+        for policy, r in results.items():
+            print(f"[{policy}] {r.texts[i].strip()}")
+    print(f"\n{'policy':>12} {'KV allocated':>14} {'of full':>8} {'live KV at end':>15} {'prefill s':>10} "
+          f"{'decode s':>9} {'tokens':>7}")
+    for policy, r in results.items():
+        s = r.stats
+        print(f"{policy:>12} {_gib(s['kv_bytes']):>14} {s['kv_fraction']:>8.1%} {_gib(s['live_kv_bytes']):>15} "
+              f"{s['prefill_seconds']:>10.2f} {s['decode_seconds']:>9.2f} {s['generated_tokens']:>7}")
+    print("(times include compilation on a first run)")
+    return 0
+
+
+def plot_pyramid(args) -> int:
+    """Per-layer cache lengths (prefill and capacity) of each policy, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pyrajax.cache import cache_preset, make_plan
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in args.cache:
+        plan = make_plan(cache_preset(name), args.prompt_len, args.new_tokens, args.layers)
+        full = args.layers * (args.prompt_len + args.new_tokens)
+        line, = ax.plot(plan.capacity, label=f"{name}: capacity ({sum(plan.capacity) / full:.1%} of full)")
+        ax.plot(plan.prefill, "--", color=line.get_color(), label=f"{name}: after prefill")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("tokens cached")
+    ax.set_title(f"KV length per layer, prompt {args.prompt_len} + {args.new_tokens} new, {args.layers} layers")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyrajax", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="chat answers from the embedded SmolLM2-135M-Instruct, full vs pyramid cache")
+    d.add_argument("--checkpoint", help="a converted checkpoint (default: the embedded model, fetched once)")
+    d.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"], help="cache policies")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--prompt", action="append", help="a user message (repeatable); default: three examples")
+    d.set_defaults(run=demo)
+    p = sub.add_parser("plot-pyramid", help="PNG of the per-layer KV lengths of cache policies")
+    p.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--out", default="pyramid.png")
+    p.set_defaults(run=plot_pyramid)
+    args = ap.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pyrajax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
