@@ -77,19 +77,17 @@ def store(ref, val, mask):
     plgpu.store(ref, val.astype(ref.dtype), mask=mask)
 
 
-def load_tile(ref, lead, row0, nrows: int, row_lim, ncols: int, col_lim):
-    """[nrows, ncols] tile of ref[*lead, row0:, :], zero outside rows < row_lim, cols < col_lim."""
-    _, rmask = span(row0, nrows, row_lim)
+def load_tile(ref, lead, row0, row_mask, ncols: int, col_lim):
+    """[len(row_mask), ncols] tile of ref[*lead, row0:, :]; zero (and not read) outside row_mask, cols < col_lim."""
     _, cmask = span(0, ncols, col_lim)
-    view = ref.at[(*lead, pl.ds(row0, nrows), pl.ds(0, ncols))]
-    return load(view, rmask[:, None] & cmask[None, :])
+    view = ref.at[(*lead, pl.ds(row0, row_mask.shape[0]), pl.ds(0, ncols))]
+    return load(view, row_mask[:, None] & cmask[None, :])
 
 
-def store_tile(ref, lead, row0, val, row_lim, col_lim):
-    nrows, ncols = val.shape
-    _, rmask = span(row0, nrows, row_lim)
-    _, cmask = span(0, ncols, col_lim)
-    store(ref.at[(*lead, pl.ds(row0, nrows), pl.ds(0, ncols))], val, rmask[:, None] & cmask[None, :])
+def store_tile(ref, lead, row0, val, row_mask, col_lim):
+    _, cmask = span(0, val.shape[1], col_lim)
+    view = ref.at[(*lead, pl.ds(row0, val.shape[0]), pl.ds(0, val.shape[1]))]
+    store(view, val, row_mask[:, None] & cmask[None, :])
 
 
 def precision(dtype):

@@ -34,31 +34,34 @@ def decode_block_sizes(batch: int, num_kv: int, capacity: int, hd: int, block_c=
 
 def _decode_kernel(len_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, l_ref, logit_ref, *,
                    C, G, gp, hd, hdp, bc, splits, scale):
-    # Refs (one sequence, one kv head): q [gp, hd] (padded to >= 16 rows), k/v [C, hd], kpos [C];
+    # Refs (one sequence, one kv head): q [G, hd] (read as a >= 16-row tile), k/v [C, hd], kpos [C];
     # outputs (this split) acc [G, hd], m/l [G]; logits [G, C] (the blocks this split visits).
     end = jnp.minimum(len_ref[()], C)
     nblk = cdiv(end, bc)
     per = cdiv(nblk, splits)
     lo = pl.program_id(2) * per
     hi = jnp.minimum(lo + per, nblk)
-    q = load_tile(q_ref, (), 0, gp, G, hdp, hd)
-    qpos = qpos_ref[()]
     _, gmask = span(0, gp, G)
+    q = load_tile(q_ref, (), 0, gmask, hdp, hd)
+    qpos = qpos_ref[()]
 
     def body(j, carry):
         acc, m, l = carry
         c0 = j * bc
         _, smask = span(c0, bc, end)
         kpos = load(kpos_ref.at[pl.ds(c0, bc)], smask, -1)
-        s = dot_nt(q, load_tile(k_ref, (), c0, bc, end, hdp, hd)) * scale
+        # Only visible rows are read: holes cost no traffic, and whatever an empty slot holds (even NaN) is
+        # never multiplied into the output.
+        vis = smask & visible(kpos, qpos)
+        s = dot_nt(q, load_tile(k_ref, (), c0, vis, hdp, hd)) * scale
         store(logit_ref.at[pl.ds(0, gp), pl.ds(c0, bc)], s, gmask[:, None] & smask[None, :])
-        m, l, p, alpha = online_softmax_step(m, l, s, visible(kpos, qpos)[None, :])
-        v = load_tile(v_ref, (), c0, bc, end, hdp, hd)
+        m, l, p, alpha = online_softmax_step(m, l, s, vis[None, :])
+        v = load_tile(v_ref, (), c0, vis, hdp, hd)
         return acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v), m, l
 
     init = (jnp.zeros((gp, hdp), jnp.float32), jnp.full((gp,), NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
     acc, m, l = lax.fori_loop(lo, hi, body, init)  # an empty split stores acc = 0, m = NEG, l = 0
-    store_tile(acc_ref, (), 0, acc, G, hd)
+    store_tile(acc_ref, (), 0, acc, gmask, hd)
     store(m_ref.at[pl.ds(0, gp)], m, gmask)
     store(l_ref.at[pl.ds(0, gp)], l, gmask)
 
@@ -71,19 +74,18 @@ def _decode_pallas(q, k, v, k_pos, q_pos, length, interpret, block_c, num_splits
     f32 = jnp.float32
     at = lambda *blk: pl.BlockSpec((None, None, *blk), lambda b, h, s: (b, h) + (0,) * len(blk))
     per_split = lambda *blk: pl.BlockSpec((None, None, None, *blk), lambda b, h, s: (b, h, s) + (0,) * len(blk))
-    # q is tiny: pad its G rows to the >= 16 a Triton dot needs here rather than masking inside.
-    q4 = jnp.pad(fold_heads(q, K), ((0, 0), (0, 0), (0, gp - G), (0, 0)))
     acc, m, l, logits = pl.pallas_call(
         functools.partial(_decode_kernel, C=C, G=G, gp=gp, hd=hd, hdp=pow2(hd), bc=bc, splits=S,
                           scale=1.0 / math.sqrt(hd)),
         grid=(B, K, S),
         in_specs=[pl.BlockSpec((), lambda b, h, s: ()), pl.BlockSpec((None,), lambda b, h, s: (b,)),
-                  at(gp, hd), at(C, hd), at(C, hd), pl.BlockSpec((None, C), lambda b, h, s: (b, 0))],
+                  at(G, hd), at(C, hd), at(C, hd), pl.BlockSpec((None, C), lambda b, h, s: (b, 0))],
         out_specs=[per_split(G, hd), per_split(G), per_split(G), at(G, C)],
         out_shape=[jax.ShapeDtypeStruct((B, K, S, G, hd), f32), jax.ShapeDtypeStruct((B, K, S, G), f32),
                    jax.ShapeDtypeStruct((B, K, S, G), f32), jax.ShapeDtypeStruct((B, K, G, C), f32)],
         interpret=interpret, **triton_params(warps, stages),
-    )(jnp.asarray(length, jnp.int32).reshape(()), q_pos.astype(jnp.int32), q4, k, v, k_pos.astype(jnp.int32))
+    )(jnp.asarray(length, jnp.int32).reshape(()), q_pos.astype(jnp.int32), fold_heads(q, K), k, v,
+      k_pos.astype(jnp.int32))
     # Combine the splits (flash-decoding), then normalise the logits with the final per-head max / sum.
     m_all = jnp.max(m, axis=2)
     w = jnp.exp(m - m_all[:, :, None])  # an empty split has l = acc = 0, whatever its weight
@@ -108,7 +110,9 @@ def decode_attention_reference(q, k, v, k_pos, q_pos, length):
     m = jnp.max(jnp.where(valid, s, NEG), axis=-1, keepdims=True)
     p = jnp.where(valid, jnp.exp(s - m), 0.0)
     p = p * safe_inv(jnp.sum(p, axis=-1, keepdims=True))
-    out = jnp.einsum("bkgc,bkcd->bkgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    # p in v's dtype, as the kernel (and any flash kernel) does: bf16 x bf16 products with f32 accumulation.
+    out = jnp.einsum("bkgc,bkcd->bkgd", p.astype(v.dtype), v, precision=precision(v.dtype),
+                     preferred_element_type=jnp.float32)
     return out.reshape(B, H, hd).astype(q.dtype), jnp.sum(p, axis=(1, 2)) / H
 
 

@@ -37,14 +37,14 @@ def _row_stats_kernel(q_ref, k_ref, qpos_ref, kpos_ref, rw_ref, m_ref, c_ref, *,
     # Refs (one batch row, one kv head): q [R, hd], k [n, hd], qpos/rw [R], kpos [n]; outputs m/c [R].
     r0 = pl.program_id(2) * br
     _, rmask = span(r0, br, rows)
-    q = load_tile(q_ref, (), r0, br, rows, hdp, hd)
+    q = load_tile(q_ref, (), r0, rmask, hdp, hd)
     qpos = load(qpos_ref.at[pl.ds(r0, br)], rmask)
 
     def body(j, carry):
         j0 = j * bn
         _, kmask = span(j0, bn, n)
-        k = load_tile(k_ref, (), j0, bn, n, hdp, hd)
         kpos = load(kpos_ref.at[pl.ds(j0, bn)], kmask, -1)
+        k = load_tile(k_ref, (), j0, kpos >= 0, hdp, hd)  # padding slots are not read
         s = dot_nt(q, k) * scale
         m, l, _, _ = online_softmax_step(*carry, s, visible(kpos[None, :], qpos[:, None]))
         return m, l
@@ -64,12 +64,12 @@ def _column_kernel(q_ref, k_ref, qpos_ref, kpos_ref, m_ref, c_ref, out_ref, *,
     kpos = load(kpos_ref.at[pl.ds(j0, bn)], kmask, -1)
 
     def head(kv, acc):
-        k = load_tile(k_ref, (kv,), j0, bn, n, hdp, hd)  # loaded once per kv head, reused by all G*W rows
+        k = load_tile(k_ref, (kv,), j0, kpos >= 0, hdp, hd)  # once per kv head, for all its G*W query rows
 
         def row_block(i, acc):
             r0 = i * br
             _, rmask = span(r0, br, rows)
-            q = load_tile(q_ref, (kv,), r0, br, rows, hdp, hd)
+            q = load_tile(q_ref, (kv,), r0, rmask, hdp, hd)
             qpos = load(qpos_ref.at[pl.ds(r0, br)], rmask)
             m = load(m_ref.at[kv, pl.ds(r0, br)], rmask)
             c = load(c_ref.at[kv, pl.ds(r0, br)], rmask)  # 0 on padded rows, so they add nothing

@@ -283,23 +283,20 @@ def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window
     return jnp.where(inside, w, 0.0) / window[:, None].astype(jnp.float32)
 
 
-def window_rows(q: Float[Array, "B n H hd"], k: Float[Array, "B n K hd"], pos: Int[Array, "B n"],
-                length: Int[Array, " B"], W: int):
-    """Head-averaged softmax rows of the last W valid queries against all n keys: rows [B, W, n] (float32)
-    and the query position of each row ([B, W], -1 where a sequence has fewer than W tokens).
-    Only the W window rows are computed; the n x n matrix never exists."""
+def window_rows(q_win: Float[Array, "B W H hd"], k: Float[Array, "B n K hd"], row_pos: Int[Array, "B W"],
+                k_pos: Int[Array, "B n"]) -> Float[Array, "B W n"]:
+    """Head-averaged softmax rows of the W window queries against all n keys (float32); a row with no
+    visible key (row_pos -1) is all zeros. Only the W window rows are computed; n x n never exists."""
+    B, W, H, hd = q_win.shape
     K = k.shape[2]
-    idx = length[:, None] - W + jnp.arange(W)[None, :]
-    row_pos = jnp.where(idx >= 0, jnp.take_along_axis(pos, jnp.maximum(idx, 0), axis=1), -1)
-    qw = jnp.take_along_axis(q, jnp.maximum(idx, 0)[:, :, None, None], axis=1)  # [B, W, H, hd]
-    qw = qw.reshape(qw.shape[0], W, K, -1, qw.shape[-1])
-    s = jnp.einsum("bwkgd,bnkd->bkgwn", qw, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-    vis = (pos[:, None, :] >= 0) & (pos[:, None, :] <= row_pos[:, :, None])
+    qw = q_win.reshape(B, W, K, H // K, hd)
+    s = jnp.einsum("bwkgd,bnkd->bkgwn", qw, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+    vis = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= row_pos[:, :, None])
     s = jnp.where(vis[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-    return jnp.mean(p, axis=(1, 2)), row_pos
+    return jnp.mean(p, axis=(1, 2))
 
 
 def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: SeqPlan, keep: Int[Array, " B"],

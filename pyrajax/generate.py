@@ -20,7 +20,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pyrajax import cache as kvc
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
-from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv
+from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv, queries
 from pyrajax.params import Params, check_params
 
 # How many times each program was traced (= compiled); tests use it to prove one compilation per bucket.
@@ -85,6 +85,17 @@ def _to_cache_layout(x: jax.Array, capacity: int, fill) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)
 
 
+def _window_queries(lp, x, pos, length, W: int, cfg: ModelConfig):
+    """Queries of the last W valid tokens ([B, W, H, hd]) and their positions ([B, W], -1 where a sequence has
+    fewer than W tokens). Recomputed from the layer input rather than sliced from the layer's q, so that q
+    keeps a single consumer: the layer then compiles exactly as without pruning, and a policy that keeps
+    everything reproduces the full cache bit for bit."""
+    idx = length[:, None] - W + jnp.arange(W)[None, :]
+    safe = jnp.maximum(idx, 0)
+    win_pos = jnp.where(idx >= 0, jnp.take_along_axis(pos, safe, axis=1), -1)
+    return queries(lp, jnp.take_along_axis(x, safe[:, :, None], axis=1), win_pos, cfg), win_pos
+
+
 def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig):
     """Run the prompt through every layer, pruning between layers per the plan.
     Returns (logits of each sequence's last prompt token [B, V], the filled KVCache)."""
@@ -98,13 +109,16 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
     layers = []
     for l, lp in enumerate(params.layers):
         C = plan.capacity[l]
-        q, k, v = qkv(lp, x, pos, cfg)
-        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
         length = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
         select = policy.prefill_schedule != "none" and l + 1 < L
+        scoring = select or policy.scores_generation
+        if scoring:
+            q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
+        q, k, v = qkv(lp, x, pos, cfg)
+        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
         rows = None
-        if select or policy.scores_generation:
-            win_rows, win_pos = kvc.window_rows(q, k, pos, length, W)
+        if scoring:
+            win_rows = kvc.window_rows(q_win, k, win_pos, pos)
             if row_pos is None:
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)

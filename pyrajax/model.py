@@ -60,6 +60,12 @@ def mlp(lp: LayerParams, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     return (jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)) @ lp.w_down
 
 
+def queries(lp: LayerParams, x: Float[Array, "B T D"], pos: Int[Array, "B T"], cfg: ModelConfig):
+    """Rotated queries [B, T, H, hd] alone (the pyramid's window scoring recomputes them for W rows)."""
+    q = rearrange(rms_norm(x, lp.attn_norm, cfg.norm_eps) @ lp.wq, "b t (n d) -> b t n d", d=cfg.head_dim)
+    return rope(q, pos, cfg.rope_theta)
+
+
 def qkv(lp: LayerParams, x: Float[Array, "B T D"], pos: Int[Array, "B T"], cfg: ModelConfig):
     """Normalise, project and rotate: q [B,T,H,hd], k and v [B,T,K,hd] (k after RoPE, as cached)."""
     h = rms_norm(x, lp.attn_norm, cfg.norm_eps)

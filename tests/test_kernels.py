@@ -42,8 +42,9 @@ def score_inputs(seed, B, H, K, W, n, hd, dtype):
     win = jnp.arange(W)[None, :] >= jax.random.randint(kw, (B, 1), 0, W // 2 + 1)
     rw = jnp.where(win, jnp.linspace(1.0, 1.2, W)[None, :], 0.0)
     rw = rw / rw.sum(1, keepdims=True)
-    return (jax.random.normal(kq, (B, H, W, hd), dtype), jax.random.normal(kk, (B, K, n, hd), dtype),
-            q_pos.astype(jnp.int32), k_pos, rw)
+    k = jax.random.normal(kk, (B, K, n, hd), dtype)
+    k = jnp.where((k_pos < 0)[:, None, :, None], jnp.nan, k)  # padding slots may hold anything: never counted
+    return jax.random.normal(kq, (B, H, W, hd), dtype), k, q_pos.astype(jnp.int32), k_pos, rw
 
 
 @pytest.mark.parametrize("seed,B,H,K,W,n,hd,dtype", [
@@ -105,12 +106,15 @@ def test_decode_attention(seed, B, H, K, C, length, hd, dtype, block_c, splits):
     q_pos = last + jnp.where(jnp.arange(B) % 2 == 0, 1, -3)
     args = (jax.random.normal(kq, (B, H, hd), dtype), jax.random.normal(kk, (B, K, C, hd), dtype),
             jax.random.normal(kv, (B, K, C, hd), dtype), k_pos, q_pos.astype(jnp.int32), jnp.int32(length))
-    out, prob = decode_attention(*args, impl="pallas", interpret=True, block_c=block_c, num_splits=splits)
     want_out, want_prob = decode_attention_reference(*args)
+    # Empty, invisible and beyond-length slots may hold anything (here NaN): they must never count.
+    valid = (jnp.arange(C)[None] < length) & (k_pos >= 0) & (k_pos <= q_pos[:, None])
+    poison = lambda x: jnp.where(valid[:, None, :, None], x, jnp.nan)
+    args = (args[0], poison(args[1]), poison(args[2]), *args[3:])
+    out, prob = decode_attention(*args, impl="pallas", interpret=True, block_c=block_c, num_splits=splits)
     assert out.shape == (B, H, hd) and out.dtype == dtype and prob.shape == (B, C) and prob.dtype == F32
     assert_close(out, want_out, dtype)
     assert_close(prob, want_prob, dtype)
-    valid = (jnp.arange(C)[None] < length) & (k_pos >= 0) & (k_pos <= q_pos[:, None])
     assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
     np.testing.assert_allclose(prob.sum(1), valid.any(1).astype(F32), rtol=1e-5)
 

@@ -26,8 +26,7 @@ from pyrajax import cache as kvc
 from pyrajax.cache import PyramidConfig
 from pyrajax.generate import decode_step, prefill
 
-MIN_MARGIN = 1e-4
-ERR=0.0  # smallest relative score/logit gap we accept as a well-posed comparison (f32 noise ~1e-6)
+MIN_MARGIN = 1e-4  # smallest relative score/logit gap accepted as well-posed (engine f32 vs f64 logits: ~1e-5)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,6 +245,7 @@ def engine_positions(cache) -> list[list[np.ndarray]]:
     out = []
     for lc in cache.layers:
         pos, length = np.asarray(lc.pos), np.asarray(lc.length)
+        assert (length <= pos.shape[1]).all(), f"a layer holds {length} tokens in {pos.shape[1]} slots"
         out.append([pos[b, :length[b]] for b in range(pos.shape[0])])
     return out
 
@@ -254,6 +254,12 @@ def describe(got, want):
     got_s, want_s = set(got.tolist()), set(want.tolist())
     return (f"engine {len(got)} tokens, reference {len(want)}; only in engine {sorted(got_s - want_s)}, "
             f"only in reference {sorted(want_s - got_s)}; engine in order: {list(got) == sorted(got)}")
+
+
+def margin_note(ref: Reference) -> str:
+    m = ref.margins
+    return (f" (reference selection margins: smallest so far {min(m):.1e}, latest {m[-1]:.1e}; "
+            f"below {MIN_MARGIN:.0e} would be a near-tie)") if m else ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +277,9 @@ POLICIES = {
 }
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
-SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 1, "h4kv1-L4": 2}
+# Weight seeds (prompt seed = 100 + seed) whose reference decisions are all >= MIN_MARGIN from a tie: seed 1
+# for h6kv3-L5 (a selection margin of 4e-5) and seed 2 for h4kv1-L4 (a greedy top-2 gap of 3e-6) were not.
+SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
@@ -301,29 +309,30 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
     for b, (entered, _) in enumerate(ref_out):
         for l in range(L):
             assert np.array_equal(got[l][b], entered[l]), (
-                f"after prefill, sequence {b} (S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], entered[l]))
+                f"after prefill, sequence {b} (S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], entered[l])
+                + margin_note(refs[b]))
     pruned = [l for l in range(L) for b in range(B) if len(ref_out[b][0][l]) < PROMPT_LENS[b]]
     assert pruned, "no layer was pruned in prefill: the comparison would be vacuous"
 
     # Greedy generation, token by token, comparing every layer after every step.
+    logit_err = float(np.max(np.abs(np.asarray(logits, np.float64) - np.stack([lg for _, lg in ref_out]))))
     token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
     ref_tok = np.array([int(np.argmax(lg)) for _, lg in ref_out])
     assert np.array_equal(token, ref_tok), f"first generated token: engine {token}, reference {ref_tok}"
     for t in range(STEPS):
         logits, cache = _decode(params, cache, jnp.asarray(token), plan=plan, cfg=cfg)
         ref_logits = [r.step(int(tok)) for r, tok in zip(refs, token)]
-        global ERR
-        ERR = max(ERR, float(np.max(np.abs(np.asarray(logits, np.float64) - np.stack(ref_logits)))))
+        logit_err = max(logit_err, float(np.max(np.abs(np.asarray(logits, np.float64) - np.stack(ref_logits)))))
         got = engine_positions(cache)
         for b, r in enumerate(refs):
             for l in range(L):
-                assert len(got[l][b]) <= plan.capacity[l]
                 assert np.array_equal(got[l][b], r.held(l)), (
                     f"generation step {t} (token at position {PROMPT_LENS[b] + t}), sequence {b} "
-                    f"(S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], r.held(l)))
+                    f"(S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], r.held(l)) + margin_note(r))
         token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
         ref_tok = np.array([int(np.argmax(lg)) for lg in ref_logits])
-        assert np.array_equal(token, ref_tok), f"step {t}: engine tokens {token}, reference {ref_tok}"
+        assert np.array_equal(token, ref_tok), (f"step {t}: engine tokens {token}, reference {ref_tok} (reference "
+                                                f"top-2 logit gaps {[f'{r.logit_gaps[-1]:.1e}' for r in refs]})")
 
     assert all(r.gen_evictions > 0 for r in refs), "no eviction during generation: the comparison would be vacuous"
     for b, r in enumerate(refs):
@@ -331,9 +340,9 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
     # Well-posed: every decision the reference made was far from a tie, and so was every greedy token.
     margins = [m for r in refs for m in r.margins]
     gaps = [g for r in refs for g in r.logit_gaps]
-    assert min(margins) > 0 or True, f"near-tie in a selection (relative margin {min(margins):.2e}); pick another seed"
-    print("ERR", ERR); print(model_name, policy_name, "min margin %.2e" % min(margins), "min logit gap %.2e" % min(gaps), "n", len(margins), sorted(margins)[:5])
-    assert min(gaps) > 0 or True, f"near-tie between greedy tokens (gap {min(gaps):.2e}); pick another seed"
+    assert min(margins) > MIN_MARGIN, f"near-tie in a selection (relative margin {min(margins):.2e}); pick another seed"
+    assert min(gaps) > MIN_MARGIN, f"near-tie between greedy tokens (gap {min(gaps):.2e}); pick another seed"
+    assert logit_err < 1e-3, f"engine and reference logits differ by up to {logit_err:.2e}"
 
 
 def test_reference_is_the_plain_model_without_pruning():

@@ -1,0 +1,151 @@
+"""PyramidInfer cache policies in the engine: exactness with nothing dropped, static per-layer lengths, ragged
+batch invariance, budgets, and config validation. (Which tokens are kept is checked against a NumPy reference
+in test_pyramid_reference.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import pyrajax
+from pyrajax.cache import PyramidConfig, cache_preset, layer_lengths, make_plan, make_seq_plan
+from pyrajax.generate import _prefill_program, prefill
+from tests.conftest import SHARED_DATA
+
+# Runs the whole selection path (window scoring, top-k, gather of survivors) but keeps every token.
+KEEP_ALL = PyramidConfig(name="keep-all", decay_ratio=1.0, gen_rule="none")
+TINY_BUDGET = PyramidConfig(name="tiny-budget", prefill_schedule="budget", gen_rule="budget", budget=0.6,
+                            gen_block=4, recent_ratio=0.1)
+TINY_REFERENCE = PyramidConfig(name="tiny-ref", recent_ratio=0.1, gen_block=4, decay_ratio=0.5, min_context=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = pyrajax.preset("tiny")
+    return pyrajax.random_params(jax.random.key(7), cfg, scale=0.25), cfg
+
+
+def prefill_logits(params, cfg, prompts, policy, new=16):
+    S = max(16, 1 << (max(map(len, prompts)) - 1).bit_length())
+    plan = make_plan(policy, S, new, cfg.num_layers)
+    seq = make_seq_plan(plan, [len(p) for p in prompts], new)
+    toks = np.zeros((len(prompts), S), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, :len(p)] = p
+    logits, cache = jax.jit(prefill, static_argnames=("plan", "cfg"))(params, toks, seq, plan=plan, cfg=cfg)
+    return np.asarray(logits), cache, seq
+
+
+def test_keep_all_equals_full_cache_tiny(tiny):
+    params, cfg = tiny
+    prompts = [list(range(3, 60)), list(range(5, 100, 2)), [9, 8, 7]]
+    full_l, _, _ = prefill_logits(params, cfg, prompts, PyramidConfig.full())
+    keep_l, _, _ = prefill_logits(params, cfg, prompts, KEEP_ALL)
+    np.testing.assert_array_equal(keep_l, full_l)
+    g = lambda cache: pyrajax.generate(params, prompts, pyrajax.GenerationConfig(model=cfg, max_new_tokens=24,
+                                                                                stop_ids=(), cache=cache)).tokens
+    assert g(KEEP_ALL) == g("full")
+
+
+def test_keep_all_equals_full_cache_smollm2(smol):
+    params, cfg = smol
+    tok = pyrajax.get_tokenizer(cfg)
+    text = (SHARED_DATA / "paul-graham-essays" / "gh.txt").read_text()[:900]
+    prompts = [tok.encode(text), tok.encode(text[:400])]
+    full_l, _, _ = prefill_logits(params, cfg, prompts, PyramidConfig.full())
+    keep_l, _, _ = prefill_logits(params, cfg, prompts, KEEP_ALL)
+    np.testing.assert_array_equal(keep_l, full_l)
+    g = lambda cache: pyrajax.generate(params, prompts, pyrajax.GenerationConfig(model=cfg, max_new_tokens=16,
+                                                                                cache=cache)).tokens
+    assert g(KEEP_ALL) == g("full")
+
+
+@pytest.mark.parametrize("policy", [cache_preset("paper"), TINY_REFERENCE, TINY_BUDGET])
+def test_lengths_follow_the_static_schedule(tiny, policy):
+    params, cfg = tiny
+    prompts = [list(range(3, 200)), list(range(5, 120)), list(range(7, 40))]
+    _, cache, seq = prefill_logits(params, cfg, prompts, policy, new=32)
+    got = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)
+    for b, p in enumerate(prompts):
+        want = layer_lengths(policy, len(p), 32, cfg.num_layers)[0]
+        assert got[b].tolist() == want
+    assert got[0, -1] < len(prompts[0]) or policy.prefill_schedule == "none"
+    # the cache holds, per layer, exactly the tokens that entered it: positions strictly increasing
+    for lc in cache.layers:
+        for b in range(len(prompts)):
+            pos = np.asarray(lc.pos[b, :int(lc.length[b])])
+            assert (np.diff(pos) > 0).all() and pos[0] == 0 and pos[-1] == len(prompts[b]) - 1
+
+
+@pytest.mark.parametrize("policy", ["paper", TINY_REFERENCE, TINY_BUDGET])
+def test_ragged_batch_invariance(tiny, policy):
+    params, cfg = tiny
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (150, 61, 9)]
+    gcfg = pyrajax.GenerationConfig(model=cfg, max_new_tokens=40, cache=policy, stop_ids=())
+    batch = pyrajax.generate(params, prompts, gcfg)
+    for p, got, lengths in zip(prompts, batch.tokens, batch.stats["lengths_at_end"]):
+        alone = pyrajax.generate(params, [p], gcfg)
+        assert alone.tokens[0] == got
+        assert alone.stats["lengths_at_end"][0] == lengths
+
+
+def test_generation_evicts_to_the_budget(tiny):
+    params, cfg = tiny
+    prompts = [list(range(3, 200)), list(range(5, 60))]
+    r = pyrajax.generate(params, prompts, pyrajax.GenerationConfig(model=cfg, max_new_tokens=60, cache=TINY_BUDGET,
+                                                                   stop_ids=()))
+    for p, end in zip(prompts, r.stats["lengths_at_end"]):
+        pre, _, evict, budget = layer_lengths(TINY_BUDGET, len(p), 60, cfg.num_layers)
+        assert all(e <= b for e, b in zip(end, budget))
+        # without eviction every layer would hold its prefill tokens + 60; more than its budget
+        assert all(n + 60 > b for n, b in zip(pre, budget))
+        assert all(e > b - E for e, b, E in zip(end, budget, evict))  # evicted in blocks, not more
+    assert r.stats["kv_fraction"] <= 0.6
+
+
+def test_paper_reference_lengths():
+    pre = make_plan(cache_preset("paper"), 512, 256, 32).prefill
+    assert pre[:4] == (512, 512, 511, 510) and pre[-3:] == (207, 196, 186)
+
+
+def test_budget_045_on_smollm2_at_512_plus_256(smol):
+    """The acceptance measurement: SmolLM2, a 512-token prompt, 256 generated tokens."""
+    params, cfg = smol
+    tok = pyrajax.get_tokenizer(cfg)
+    text = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
+    prompt = tok.encode(text)[:512]
+    fractions = {}
+    for name in ["full", "paper", "budget-0.45"]:
+        r = pyrajax.generate(params, [prompt], pyrajax.GenerationConfig(model=cfg, max_new_tokens=256, cache=name,
+                                                                        stop_ids=()))
+        assert len(r.tokens[0]) == 256
+        fractions[name] = r.stats["kv_fraction"]
+        assert r.stats["kv_bytes"] == sum(r.stats["kv_bytes_per_layer"])
+    print("KV fraction of full at 512+256 on SmolLM2:", fractions)
+    assert fractions["full"] == 1.0
+    assert fractions["budget-0.45"] <= 0.454
+    assert fractions["paper"] < 1.0
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"recent_ratio": 0.0}, "recent_ratio"), ({"recent_ratio": 1.5}, "recent_ratio"),
+    ({"decay_ratio": 0.0}, "decay_ratio"), ({"num_sinks": -1}, "num_sinks"), ({"gen_block": 0}, "gen_block"),
+    ({"min_context": -4}, "min_context"), ({"prefill_schedule": "linear"}, "prefill_schedule"),
+    ({"gen_rule": "budget"}, "budget"), ({"prefill_schedule": "budget", "gen_rule": "budget", "budget": 1.5}, "budget"),
+    ({"recency_weight": (1.2, 1.0)}, "recency_weight"),
+])
+def test_invalid_pyramid_config(kw, field):
+    with pytest.raises(ValueError, match=f"PyramidConfig.{field}"):
+        PyramidConfig(**kw)
+
+
+def test_budget_too_small_and_unknown_preset(tiny):
+    params, cfg = tiny
+    with pytest.raises(ValueError, match="budget=0.05 is too small"):
+        pyrajax.generate(params, [list(range(3, 100))], pyrajax.GenerationConfig(model=cfg, max_new_tokens=20,
+                                                                                  cache="budget-0.05"))
+    for bad in ["budget-abc", "pyramid", "budget-2"]:
+        with pytest.raises(ValueError):
+            cache_preset(bad)
