@@ -29,7 +29,6 @@ import jaxlib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels._common import random_positions  # noqa: E402
 from pallas_kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                              decode_block_sizes)
 from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference  # noqa: E402
@@ -67,9 +66,11 @@ def max_rel_err(got, want):
 # ----------------------------------------------------------------------------- cases
 def decode_case(B, H, K, C, length, hd=128, dtype=BF16):
     kq, kk, kv, kp = jax.random.split(jax.random.PRNGKey(C + H), 4)
-    k_pos, last = random_positions(kp, B, C, holes=0.05)
+    # The engine's layout: every sequence's first `length` slots hold tokens 0..length-1 (all read).
+    k_pos = jnp.broadcast_to(jnp.where(jnp.arange(C) < length, jnp.arange(C), -1), (B, C)).astype(jnp.int32)
     args = (jax.random.normal(kq, (B, H, hd), dtype), jax.random.normal(kk, (B, K, C, hd), dtype),
-            jax.random.normal(kv, (B, K, C, hd), dtype), k_pos, last + 1, jnp.int32(length))
+            jax.random.normal(kv, (B, K, C, hd), dtype), k_pos, jnp.full((B,), length - 1, jnp.int32),
+            jnp.int32(length))
     it = jnp.dtype(dtype).itemsize
     nbytes = 2 * B * K * length * hd * it + B * length * 4 + 2 * B * H * hd * it + B * C * 4  # K/V, pos, q/out, probs
     bc, splits, _, _ = decode_block_sizes(B, K, C, hd)
@@ -82,7 +83,8 @@ def decode_case(B, H, K, C, length, hd=128, dtype=BF16):
 
 def score_case(B, H, K, W, n, hd=128, dtype=BF16):
     kq, kk, kp = jax.random.split(jax.random.PRNGKey(n + H), 3)
-    k_pos, last = random_positions(kp, B, n, holes=0.0)
+    k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))  # a full prompt, no padding
+    last = jnp.full((B,), n - 1, jnp.int32)
     rw = jnp.linspace(1.0, 1.2, W)[None].repeat(B, 0)
     args = (jax.random.normal(kq, (B, H, W, hd), dtype), jax.random.normal(kk, (B, K, n, hd), dtype),
             (last[:, None] - jnp.arange(W)[::-1]).astype(jnp.int32), k_pos, rw / rw.sum(1, keepdims=True))

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--new", type=int, default=48)
-    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.6"])
+    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.7"])
     args = ap.parse_args(argv)
     cfg = pyrajax.preset(args.model)
     params = pyrajax.random_params(jax.random.key(0), cfg, jnp.dtype(args.dtype), scale=0.25)
