@@ -53,6 +53,9 @@ class PyramidConfig:
     gen_decay: float = 0.9
     budget: float | None = None
     length_bucket: int = 8
+    # Slots entering each layer in prefill are rounded up to a multiple of this (the extra slots are empty):
+    # few distinct matmul shapes compile (and autotune) far faster than one per layer.
+    prefill_bucket: int = 64
 
     def __post_init__(self):
         def need(ok, field, allowed):
@@ -70,8 +73,8 @@ class PyramidConfig:
              "must be 'none', 'reference' or 'budget'")
         need(isinstance(self.gen_block, int) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
         need(0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
-        need(isinstance(self.length_bucket, int) and self.length_bucket >= 1, "length_bucket",
-             "must be an int >= 1")
+        for f in ("length_bucket", "prefill_bucket"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an int >= 1")
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
         need((self.budget is not None) == is_budget, "budget",
              "must be set exactly when prefill_schedule or gen_rule is 'budget'")
@@ -191,7 +194,7 @@ class CachePlan:
     prompt_bucket: int
     new_bucket: int
     window: int  # static number of window rows (the bucket's window; each sequence's own is <= this)
-    prefill: tuple[int, ...]  # slots entering layer l in prefill
+    prefill: tuple[int, ...]  # slots entering layer l in prefill (bucketed; may exceed the capacity)
     capacity: tuple[int, ...]  # slots of layer l's cache
     evict: tuple[int, ...]  # tokens evicted per eviction event, per layer
 
@@ -217,8 +220,10 @@ def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_laye
 
 def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int) -> CachePlan:
     pre, cap, evict, _ = layer_lengths(policy, prompt_bucket, new_bucket, num_layers)
+    step = policy.prefill_bucket
+    slots = [min(prompt_bucket, -(-n // step) * step) for n in pre]
     return CachePlan(policy=policy, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
-                     window=window_size(policy, prompt_bucket), prefill=tuple(pre), capacity=tuple(cap),
+                     window=window_size(policy, prompt_bucket), prefill=tuple(slots), capacity=tuple(cap),
                      evict=tuple(evict))
 
 

@@ -79,7 +79,9 @@ def bucket(n: int, minimum: int) -> int:
 # Prefill
 
 def _to_cache_layout(x: jax.Array, capacity: int, fill) -> jax.Array:
-    """[B, n, ...] -> padded to `capacity` slots along axis 1."""
+    """[B, n, ...] -> `capacity` slots along axis 1: padded, or cut where the bucketed prefill slots exceed the
+    capacity (valid tokens come first and never exceed it)."""
+    x = x[:, :capacity]
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, capacity - x.shape[1])
     return jnp.pad(x, pad, constant_values=fill)

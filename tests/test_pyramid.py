@@ -105,9 +105,11 @@ def test_generation_evicts_to_the_budget(tiny):
     assert r.stats["kv_fraction"] <= 0.6
 
 
-def test_paper_reference_lengths():
-    pre = make_plan(cache_preset("paper"), 512, 256, 32).prefill
-    assert pre[:4] == (512, 512, 511, 510) and pre[-3:] == (207, 196, 186)
+def test_paper_reference_lengths_and_bucketed_slots():
+    pre = layer_lengths(cache_preset("paper"), 512, 256, 32)[0]
+    assert pre[:4] == [512, 512, 511, 510] and pre[-3:] == [207, 196, 186]
+    slots = make_plan(cache_preset("paper"), 512, 256, 32).prefill  # static array sizes: few distinct shapes
+    assert all(s >= p and (s % 64 == 0) for s, p in zip(slots, pre)) and len(set(slots)) <= 6
 
 
 def test_budget_045_on_smollm2_at_512_plus_256(smol):

@@ -380,7 +380,7 @@ def spec_cosine_lengths(S, L, recent_ratio=0.2, r=0.9, min_context=64):
 
 
 def test_paper_prefill_lengths_512():
-    pre = kvc.make_plan(pyrajax.cache_preset("paper"), 512, 256, 32).prefill
+    pre = kvc.layer_lengths(pyrajax.cache_preset("paper"), 512, 256, 32)[0]
     want = spec_cosine_lengths(512, 32)
     assert list(pre) == want
     assert list(pre[:4]) == [512, 512, 511, 510] and pre[5] == 507
@@ -394,4 +394,5 @@ def test_budget_045_plan(L):
     cap = plan.capacity
     assert sum(cap) / (L * 768) <= 0.454, sum(cap) / (L * 768)
     assert all(a >= b for a, b in zip(cap, cap[1:])), cap
-    assert cap[0] >= 512 and all(p <= c for p, c in zip(plan.prefill, cap))
+    pre = kvc.layer_lengths(pyrajax.cache_preset("budget-0.45"), 512, 256, L)[0]
+    assert cap[0] >= 512 and all(p <= c for p, c in zip(pre, cap))
