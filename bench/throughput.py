@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg = pyrajax.preset(args.model)
-    params = jax.jit(lambda k: pyrajax.random_params(k, cfg, jnp.bfloat16))(jax.random.key(0))
+    # Created array by array on the device: one jitted program for all weights compiles for minutes.
+    params = pyrajax.random_params(jax.random.key(0), cfg, jnp.bfloat16)
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
