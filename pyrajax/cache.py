@@ -1,7 +1,9 @@
 """KV cache as a pytree, and the cache policies (full and PyramidInfer) as data.
 
 Layout invariants, for every layer and every sequence b:
-  * slots [0, length[b]) hold valid tokens in original order; slots >= length[b] are empty (pos -1);
+  * after prefill, slots [0, length[b]) hold valid tokens in original order and the rest are empty (pos -1);
+    generation writes each new token into the first empty slot, and eviction empties slots in place, so
+    later the valid slots (length[b] of them) may be in any order: nothing depends on slot order;
   * `pos` is each token's original position; keys are stored after RoPE.
 Each layer's capacity is a static Python number computed from the prompt bucket, the generation bucket and
 the policy (`CachePlan`), so one compiled program serves every request of a bucket. What differs between
@@ -256,7 +258,7 @@ class LayerCache:
     k: Float[Array, "B K C hd"]
     v: Float[Array, "B K C hd"]
     pos: Int[Array, "B C"]  # original position of each slot, -1 when empty
-    length: Int[Array, " B"]  # valid slots, all at the front
+    length: Int[Array, " B"]  # number of valid slots
     rows: Float[Array, "B W C"] | None  # head-averaged attention rows of the last W queries (ring by position)
 
 
@@ -327,19 +329,13 @@ def row_scores(lc: LayerCache, row_pos, newest, window, weight) -> Float[Array, 
 
 def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array,
           n_evict: int) -> LayerCache:
-    """Drop the `n_evict` lowest-scored candidate slots of every triggered sequence and compact the rest to
-    the front in order. Non-candidates (sinks, window, protected blocks, empty slots) always stay."""
-    C = lc.pos.shape[1]
-    priority = jnp.where(candidate, scores, BIG)
-    _, idx = jax.lax.top_k(priority, C - n_evict)
-    idx = jnp.sort(idx, axis=1)
-    k = jnp.take_along_axis(lc.k, idx[:, None, :, None], axis=2)
-    v = jnp.take_along_axis(lc.v, idx[:, None, :, None], axis=2)
-    pos = jnp.take_along_axis(lc.pos, idx, axis=1)
-    rows = jnp.take_along_axis(lc.rows, idx[:, None, :], axis=2)
-    pad = lambda a, axis, fill: jnp.concatenate(
-        [a, jnp.full(a.shape[:axis] + (n_evict,) + a.shape[axis + 1:], fill, a.dtype)], axis=axis)
-    new = LayerCache(k=pad(k, 2, 0), v=pad(v, 2, 0), pos=pad(pos, 1, -1), length=lc.length - n_evict,
-                     rows=pad(rows, 2, 0.0))
-    pick = lambda a, b: jnp.where(trigger.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-    return jax.tree.map(pick, new, lc)
+    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence. Nothing moves: the slots
+    are marked empty (pos -1) and the next tokens are written into them, so an eviction costs a top-k over
+    the slot scores and a few scalar writes, never a pass over the keys and values. Non-candidates (sinks,
+    window, protected blocks, empty slots) always stay."""
+    priority = jnp.where(candidate, -scores, -BIG)  # top_k picks the largest: negate, candidates first
+    idx = jax.lax.cond(jnp.any(trigger), lambda: jax.lax.top_k(priority, n_evict)[1],
+                       lambda: jnp.zeros(priority.shape[:1] + (n_evict,), jnp.int32))
+    b = jnp.arange(lc.pos.shape[0])[:, None]
+    freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
+    return lc.replace(pos=lc.pos.at[b, idx].set(freed), length=lc.length - jnp.where(trigger, n_evict, 0))

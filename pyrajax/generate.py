@@ -150,7 +150,7 @@ def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax
     policy, seq, E = plan.policy, cache.seq, plan.evict[l]
     if policy.gen_rule == "none" or E == 0:
         return lc
-    slot_used = jnp.arange(lc.pos.shape[1])[None, :] < lc.length[:, None]
+    slot_used = lc.pos >= 0
     if policy.gen_rule == "reference":
         # The oldest uncut block of generated tokens, once it has entirely left the recent window.
         lo = cache.compressed_upto[:, None]
@@ -160,7 +160,7 @@ def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax
         trigger = lc.length >= seq.budget[:, l]
         candidate = slot_used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
     scores = kvc.row_scores(lc, cache.row_pos, p - 1, seq.window, policy.recency_weight)
-    return jax.lax.cond(jnp.any(trigger), lambda: kvc.evict(lc, scores, candidate, trigger, E), lambda: lc)
+    return kvc.evict(lc, scores, candidate, trigger, E)
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
@@ -174,12 +174,16 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     for l, lp in enumerate(params.layers):
         lc = _maybe_evict(cache.layers[l], cache, l, plan, p)
         q, k, v = qkv(lp, x, p[:, None], cfg)
-        slot = lc.length
+        slot = jnp.argmax(lc.pos < 0, axis=1)  # the first empty slot (capacities guarantee one)
         lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0]), v=lc.v.at[b, :, slot].set(v[:, 0]),
                         pos=lc.pos.at[b, slot].set(p), length=lc.length + 1)
-        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, jnp.max(lc.length), impl=impl)
+        # Slots past the highest one in use are skipped by the attention kernel.
+        in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[1]) + 1, 0))
+        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)
         if lc.rows is not None:
-            lc = lc.replace(rows=lc.rows.at[b, p % plan.window].set(prob))
+            # The reused slot's column must not carry the evicted token's old attention.
+            rows = lc.rows.at[b, :, slot].set(0.0)
+            lc = lc.replace(rows=rows.at[b, p % plan.window].set(prob))
         x = finish_layer(lp, x, out[:, None], cfg)
         layers.append(lc)
     cache = cache.replace(layers=tuple(layers), next_pos=p + 1)

@@ -241,12 +241,14 @@ _decode = jax.jit(decode_step, static_argnames=("plan", "cfg", "impl"))
 
 
 def engine_positions(cache) -> list[list[np.ndarray]]:
-    """[layer][sequence] -> the positions held, in slot order."""
+    """[layer][sequence] -> the positions held, ascending (generation reuses freed slots, so slot order is
+    not position order; the count of valid slots must equal the layer's length)."""
     out = []
     for lc in cache.layers:
         pos, length = np.asarray(lc.pos), np.asarray(lc.length)
         assert (length <= pos.shape[1]).all(), f"a layer holds {length} tokens in {pos.shape[1]} slots"
-        out.append([pos[b, :length[b]] for b in range(pos.shape[0])])
+        assert ((pos >= 0).sum(axis=1) == length).all(), "length disagrees with the valid slots"
+        out.append([np.sort(pos[b][pos[b] >= 0]) for b in range(pos.shape[0])])
     return out
 
 
