@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.gather import pivotal_gather
 from pyrajax import cache as kvc
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
@@ -98,7 +99,8 @@ def _window_queries(lp, x, pos, length, W: int, cfg: ModelConfig):
     return queries(lp, jnp.take_along_axis(x, safe[:, :, None], axis=1), win_pos, cfg), win_pos
 
 
-def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig):
+def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig,
+            impl: str = "auto"):
     """Run the prompt through every layer, pruning between layers per the plan.
     Returns (logits of each sequence's last prompt token [B, V], the filled KVCache)."""
     B, S = tokens.shape
@@ -134,7 +136,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
             scores = jnp.einsum("bw,bwn->bn", weights, win_rows)
             idx, pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
-            x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+            x = pivotal_gather(idx, x, pos, impl=impl)[0]
     last = jnp.sum(pos >= 0, axis=1) - 1
     logits = lm_logits(params, jnp.take_along_axis(x, last[:, None, None], axis=1), cfg)[:, 0]
     cache = KVCache(layers=tuple(layers), seq=seq, next_pos=seq.prompt_len.astype(jnp.int32), row_pos=row_pos,
@@ -215,10 +217,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k"))
-def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, top_k):
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k", "impl"))
+def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, top_k, impl):
     TRACE_COUNTS["prefill"] += 1
-    logits, cache = prefill(params, tokens, seq, plan, cfg)
+    logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
     return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, top_k), cache
 
 
@@ -308,7 +310,7 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
 
     t0 = time.perf_counter()
     first, cache = _prefill_program(params, tokens, seq, key, temperature, top_p, plan=plan, cfg=mc,
-                                    top_k=cfg.top_k)
+                                    top_k=cfg.top_k, impl=cfg.impl)
     first.block_until_ready()
     t1 = time.perf_counter()
     after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]

@@ -151,3 +151,15 @@ def test_budget_too_small_and_unknown_preset(tiny):
     for bad in ["budget-abc", "pyramid", "budget-2"]:
         with pytest.raises(ValueError):
             cache_preset(bad)
+
+
+@pytest.mark.parametrize("policy", ["full", TINY_REFERENCE])
+def test_pallas_kernels_are_drop_ins_end_to_end(tiny, policy):
+    """The whole engine with impl="pallas" (Pallas interpret mode on CPU) generates what the XLA path does."""
+    params, cfg = tiny
+    prompts = [list(range(3, 90)), list(range(5, 40))]
+    run = lambda impl: pyrajax.generate(params, prompts, pyrajax.GenerationConfig(
+        model=cfg, max_new_tokens=10, cache=policy, impl=impl, stop_ids=()))
+    xla, pallas = run("xla"), run("pallas")
+    assert pallas.tokens == xla.tokens
+    assert pallas.stats["lengths_at_end"] == xla.stats["lengths_at_end"]
