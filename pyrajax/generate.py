@@ -55,6 +55,11 @@ class GenerationConfig:
         object.__setattr__(self, "policy", self.cache if isinstance(self.cache, PyramidConfig)
                            else kvc.cache_preset(self.cache))
 
+    @property
+    def sampling_mode(self) -> tuple[bool, int, bool]:
+        """(greedy, top_k, nucleus): the static part of the sampler."""
+        return self.temperature == 0, self.top_k, self.top_p < 1.0
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -200,32 +205,35 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
 # ---------------------------------------------------------------------------------------------------------
 # Sampling and the compiled programs
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: int) -> jax.Array:
-    """Greedy when temperature == 0; else temperature, then top-k (static k), then nucleus top-p."""
-    greedy = jnp.argmax(logits, axis=-1)
-    x = logits / jnp.maximum(temperature, 1e-6)
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+           mode: tuple[bool, int, bool]) -> jax.Array:
+    """mode = (greedy, top_k, nucleus), static so that greedy decoding compiles to a bare argmax.
+    Otherwise: temperature, then top-k (k static, 0 = off), then nucleus top-p when `nucleus`."""
+    greedy, top_k, nucleus = mode
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits / temperature
     if top_k:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
-    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
-    # Smallest set whose mass reaches top_p: the cut-off is the last sorted logit with mass-before < top_p.
-    n_keep = jnp.sum((cum - jax.nn.softmax(sorted_x, axis=-1)) < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1)
-    x = jnp.where(x < cutoff, -jnp.inf, x)
-    sampled = jax.random.categorical(key, x, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    if nucleus:
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        # Smallest set whose mass reaches top_p: keep every logit whose mass-before is below top_p.
+        n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
+        x = jnp.where(x < jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1), -jnp.inf, x)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k", "impl"))
-def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, top_k, impl):
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"))
+def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, mode, impl):
     TRACE_COUNTS["prefill"] += 1
     logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
-    return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, top_k), cache
+    return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode), cache
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "top_k", "impl"), donate_argnames=("cache",))
-def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop_ids, *, plan, cfg, top_k, impl):
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"), donate_argnames=("cache",))
+def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop_ids, *, plan, cfg, mode, impl):
     TRACE_COUNTS["decode"] += 1
     B = first.shape[0]
     out = jnp.full((B, plan.new_bucket), -1, jnp.int32).at[:, 0].set(first)
@@ -238,7 +246,7 @@ def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop
     def body(state):
         t, token, cache, out, done = state
         logits, cache = decode_step(params, cache, token, plan, cfg, impl)
-        token = sample(logits, jax.random.fold_in(key, t), temperature, top_p, top_k)
+        token = sample(logits, jax.random.fold_in(key, t), temperature, top_p, mode)
         out = out.at[:, t].set(jnp.where(done, -1, token))
         return t + 1, token, cache, out, done | jnp.isin(token, stop_ids)
 
@@ -310,13 +318,13 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
 
     t0 = time.perf_counter()
     first, cache = _prefill_program(params, tokens, seq, key, temperature, top_p, plan=plan, cfg=mc,
-                                    top_k=cfg.top_k, impl=cfg.impl)
+                                    mode=cfg.sampling_mode, impl=cfg.impl)
     first.block_until_ready()
     t1 = time.perf_counter()
     after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
     per_layer = kvc.kv_bytes(cache)
     out, cache = _decode_program(params, cache, first, key, jnp.int32(cfg.max_new_tokens), temperature, top_p,
-                                 stop, plan=plan, cfg=mc, top_k=cfg.top_k, impl=cfg.impl)
+                                 stop, plan=plan, cfg=mc, mode=cfg.sampling_mode, impl=cfg.impl)
     out = np.asarray(out)
     t2 = time.perf_counter()
 

@@ -15,7 +15,8 @@ import pytest
 from pallas_kernels._common import random_positions
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference
-from pallas_kernels.score_reduction import score_reduction, score_reduction_reference
+from pallas_kernels.score_reduction import (score_reduction, score_reduction_reference, window_rows,
+                                            window_rows_reference)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 INT_MIN = np.iinfo(np.int32).min
@@ -66,6 +67,54 @@ def test_score_reduction(seed, B, H, K, W, n, hd, dtype):
     # Each row with a visible key spreads its weight over the keys: the column sums add up to it.
     has_key = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
     np.testing.assert_allclose(got.sum(1), (rw * has_key.any(-1)).sum(1), rtol=1e-4, atol=1e-6)
+
+
+def rows_inputs(seed, B, H, K, W, n, hd, dtype):
+    """window_rows inputs in the engine's layouts: q [B, W, H, hd], k [B, n, K, hd]."""
+    kq, kk, kp, kw = keys(seed, 4)
+    k_pos, last = random_positions(kp, B, n)
+    k_pos = k_pos.at[0].set(-1)  # a fully padded sequence: all rows 0, never NaN
+    q_pos = last[:, None] - jnp.arange(W)[::-1]
+    # Sequences shorter than the window: their first rows are padding (-1).
+    pad = jnp.arange(W)[None, :] < jax.random.randint(kw, (B, 1), 0, W // 2 + 1)
+    q_pos = jnp.where(pad | (q_pos < 0), -1, q_pos).astype(jnp.int32)
+    k = jax.random.normal(kk, (B, n, K, hd), dtype)
+    k = jnp.where((k_pos < 0)[:, :, None, None], jnp.nan, k)  # padding slots may hold anything: never counted
+    return jax.random.normal(kq, (B, W, H, hd), dtype), k, q_pos, k_pos
+
+
+@pytest.mark.parametrize("seed,B,H,K,W,n,hd,dtype", [
+    (21, 2, 4, 4, 9, 37, 16, F32),      # G = 1
+    (22, 3, 6, 2, 13, 100, 32, BF16),   # G = 3
+    (23, 2, 8, 2, 9, 100, 24, F32),     # G = 4, head dim not a power of two
+    (24, 2, 8, 1, 13, 37, 32, BF16),    # G = 8
+    (25, 1, 4, 2, 130, 37, 16, F32),    # two window blocks in pass 2, three row blocks in pass 1
+])
+def test_window_rows(seed, B, H, K, W, n, hd, dtype):
+    args = rows_inputs(seed, B, H, K, W, n, hd, dtype)
+    got = window_rows(*args, impl="pallas", interpret=True)
+    want = window_rows_reference(*args)
+    assert got.shape == (B, W, n) and got.dtype == F32
+    assert_close(got, want, dtype)
+    q, k, q_pos, k_pos = args
+    vis = np.asarray((k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None]))
+    got = np.asarray(got)
+    assert (got[~vis] == 0).all() and (got[0] == 0).all()
+    # Each row is a mean of softmax rows: it sums to 1 if it sees a key, else it is all zeros.
+    np.testing.assert_allclose(got.sum(-1), vis.any(-1).astype(np.float32), rtol=1e-4, atol=1e-6)
+    # The selection scores from the rows match score mode (its layouts: heads / kv heads before tokens).
+    rw = jax.random.uniform(keys(seed, 1)[0], (B, W))
+    np.testing.assert_allclose(
+        np.einsum("bw,bwn->bn", np.asarray(rw), got),
+        score_reduction_reference(q.swapaxes(1, 2), k.swapaxes(1, 2), q_pos, k_pos, rw),
+        rtol=1e-4 if dtype == F32 else 2e-2, atol=1e-5)
+
+
+def test_window_rows_dispatch():
+    args = rows_inputs(26, 1, 2, 1, 3, 20, 16, F32)
+    np.testing.assert_array_equal(window_rows(*args, impl="auto"), window_rows(*args, impl="xla"))
+    with pytest.raises(ValueError):
+        window_rows(*args, impl="triton")
 
 
 # ----------------------------------------------------------------------------- gather
@@ -157,6 +206,14 @@ def test_score_reduction_lowers_for_cuda(B, H, K, W, n, hd, dtype):
     specs = (S((B, H, W, hd), dtype), S((B, K, n, hd), dtype), S((B, W), I32), S((B, n), I32),
              S((B, W), F32))
     assert lower_for_cuda(score_reduction, *specs) == 2
+
+
+@pytest.mark.parametrize("B,H,K,W,n,hd,dtype", [(32, 32, 32, 103, 512, 128, BF16),   # LLaMA-7B
+                                                (32, 64, 8, 103, 512, 128, BF16),    # GQA, G = 8
+                                                (2, 6, 2, 13, 37, 16, F32)])
+def test_window_rows_lowers_for_cuda(B, H, K, W, n, hd, dtype):
+    specs = (S((B, W, H, hd), dtype), S((B, n, K, hd), dtype), S((B, W), I32), S((B, n), I32))
+    assert lower_for_cuda(window_rows, *specs) == 2
 
 
 @pytest.mark.parametrize("B,n,m,D,K,hd,dtype", [(32, 512, 460, 4096, 32, 128, BF16), (2, 37, 20, 600, 3, 24, F32)])
