@@ -55,11 +55,13 @@ def build(cfg, max_len: int, device: str):
     return model
 
 
-def gen_kwargs(mode: str, new: int) -> dict:
+def gen_kwargs(mode: str, new: int, cpu_compile: bool = False) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     if mode == "static-compile":
         from transformers import CompileConfig
-        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+        cc = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        cc._compile_all_devices = cpu_compile  # transformers' own switch to compile off-GPU (for tests)
+        kw.update(cache_implementation="static", compile_config=cc)
     return kw
 
 
@@ -92,15 +94,14 @@ def run(args, result: dict) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt), generator=gen).to(args.device)
     mask = torch.ones_like(ids)
-    kw = gen_kwargs(args.mode, args.new)
+    kw = gen_kwargs(args.mode, args.new, args.cpu_compile)
     result["generate_kwargs"] = {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in kw.items()}
 
     def call() -> float:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)  # generate runs under no_grad
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed calls; the median is reported")
     ap.add_argument("--timeout", type=float, default=0, help="seconds before giving up (status 'timeout'); 0: none")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
+    ap.add_argument("--cpu-compile", action="store_true", help="run static-compile off-GPU too (smoke test, slow)")
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 2 if args.mode == "static-compile" else 1  # compile, then the CUDA-graph recording
@@ -146,8 +148,9 @@ def main(argv=None) -> int:
                   prompt=args.prompt, new=args.new, dtype="bfloat16", attn_implementation="sdpa",
                   kv_bytes=args.batch * (args.prompt + args.new) * pyrajax.preset(args.model).num_layers
                   * pyrajax.preset(args.model).kv_bytes_per_token_layer(2), status="error")
-    if args.mode == "static-compile" and not args.device.startswith("cuda"):
-        result.update(status="skipped", error="static-compile needs CUDA (transformers compiles only on GPU)")
+    if args.mode == "static-compile" and not args.device.startswith("cuda") and not args.cpu_compile:
+        result.update(status="skipped", error="static-compile needs CUDA (transformers compiles only on GPU; "
+                      "--cpu-compile forces it)")
         print(f"hf_peer: skipped: {result['error']}", flush=True)
     else:
         if args.timeout > 0:

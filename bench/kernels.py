@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                              decode_block_sizes)
 from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference  # noqa: E402
-from pallas_kernels.score_reduction import score_reduction, score_reduction_reference  # noqa: E402
+from pallas_kernels.score_reduction import (score_reduction, score_reduction_reference,  # noqa: E402
+                                            window_rows, window_rows_reference)
 
 PEAK_BW = 3.0e12     # measured H100 copy ceiling (read + write), SPEC §3
 PEAK_FLOPS = 798e12  # measured H100 bf16 matmul
@@ -96,6 +97,19 @@ def score_case(B, H, K, W, n, hd=128, dtype=BF16):
                 flops=2 * 2 * B * H * W * n * hd, tol=2e-2)  # QK^T in each of the two passes
 
 
+def rows_case(B, H, K, W, n, hd=128, dtype=BF16):
+    kq, kk = jax.random.split(jax.random.PRNGKey(n + H + 1), 2)
+    k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))  # a full prompt, no padding
+    q_pos = jnp.broadcast_to(jnp.arange(n - W, n, dtype=jnp.int32), (B, W))  # the window: the last W positions
+    args = (jax.random.normal(kq, (B, W, H, hd), dtype), jax.random.normal(kk, (B, n, K, hd), dtype), q_pos, k_pos)
+    it = jnp.dtype(dtype).itemsize
+    nbytes = B * W * H * hd * it + B * n * K * hd * it + B * (n + W) * 4 + B * W * n * 4  # q, k, positions, rows
+    return dict(name=f"rows B={B} H={H} K={K} W={W} n={n}",
+                config=dict(B=B, H=H, K=K, W=W, n=n, hd=hd, dtype=jnp.dtype(dtype).name),
+                fn=window_rows, ref=window_rows_reference, args=args, bytes=nbytes,
+                flops=2 * 2 * B * H * W * n * hd, tol=2e-2)  # QK^T in each of the two passes
+
+
 def gather_case(B, n, m, D, K=0, hd=128, dtype=BF16):
     ki, kh, kk, kv = jax.random.split(jax.random.PRNGKey(m + K), 4)
     idx = jnp.sort(jax.vmap(lambda r: jax.random.permutation(r, n)[:m])(jax.random.split(ki, B)), axis=1)
@@ -112,12 +126,14 @@ def gather_case(B, n, m, D, K=0, hd=128, dtype=BF16):
 def cases(small: bool):
     if small:  # CPU smoke test of the script itself
         return [decode_case(2, 4, 2, 64, 40, hd=32), score_case(2, 4, 2, 9, 40, hd=32),
+                rows_case(2, 4, 2, 9, 40, hd=32),
                 gather_case(2, 40, 30, 64, K=2, hd=32)]
     return ([decode_case(32, 32, 32, C, C) for C in (1024, 2048, 4096)]
             + [decode_case(32, 32, 32, 4096, 2048),  # half-filled cache: the kernel skips slots >= length
                decode_case(32, 64, 8, 4096, 4096),   # GQA
                decode_case(1, 32, 32, 4096, 4096),   # batch 1: split along the cache
                score_case(32, 32, 32, 103, 512), score_case(32, 64, 8, 103, 512),
+               rows_case(32, 32, 32, 103, 512), rows_case(32, 64, 8, 103, 512),
                gather_case(32, 512, 460, 4096), gather_case(32, 512, 460, 4096, K=32)])
 
 

@@ -277,7 +277,7 @@ def kv_bytes(cache: KVCache) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scoring and selection (plain jnp; the Pallas kernels are drop-ins for the heavy parts)
+# Scoring and selection (the window attention rows come from pallas_kernels.score_reduction.window_rows)
 
 def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window: Int[Array, " B"],
                     weight: tuple[float, float]) -> Float[Array, "B W"]:
@@ -288,22 +288,6 @@ def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window
     w = weight[1] - (weight[1] - weight[0]) * age.astype(jnp.float32) / span
     inside = (row_pos >= 0) & (age >= 0) & (age < window[:, None])
     return jnp.where(inside, w, 0.0) / window[:, None].astype(jnp.float32)
-
-
-def window_rows(q_win: Float[Array, "B W H hd"], k: Float[Array, "B n K hd"], row_pos: Int[Array, "B W"],
-                k_pos: Int[Array, "B n"]) -> Float[Array, "B W n"]:
-    """Head-averaged softmax rows of the W window queries against all n keys (float32); a row with no
-    visible key (row_pos -1) is all zeros. Only the W window rows are computed; n x n never exists."""
-    B, W, H, hd = q_win.shape
-    K = k.shape[2]
-    qw = q_win.reshape(B, W, K, H // K, hd)
-    s = jnp.einsum("bwkgd,bnkd->bkgwn", qw, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
-    vis = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= row_pos[:, :, None])
-    s = jnp.where(vis[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-    return jnp.mean(p, axis=(1, 2))
 
 
 def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: SeqPlan, keep: Int[Array, " B"],

@@ -18,6 +18,7 @@ import numpy as np
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gather import pivotal_gather
+from pallas_kernels.score_reduction import window_rows
 from pyrajax import cache as kvc
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
@@ -127,7 +128,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
         rows = None
         if scoring:
-            win_rows = kvc.window_rows(q_win, k, win_pos, pos)
+            win_rows = window_rows(q_win, k, win_pos, pos, impl=impl)  # [B, W, n], never [B, H, W, n]
             if row_pos is None:
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)

@@ -1,0 +1,34 @@
+"""python -m bench {throughput,sweep,peer,plots,kernels,parity} [ARGS...]: one entry point for the benchmarks.
+
+    python -m bench sweep --model llama2-7b --cache full paper budget-0.45
+    python -m bench peer --model llama2-7b --mode static-compile
+    python -m bench plots bench/results/sweep-llama2-7b-p512-n256.json
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import runpy
+import sys
+from pathlib import Path
+
+COMMANDS = {"throughput": "bench.throughput", "sweep": "bench.sweep", "peer": "bench.hf_peer",
+            "plots": "bench.plots", "kernels": "bench.kernels", "parity": "bench.parity"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    name, rest = COMMANDS[argv[0]], argv[1:]
+    module = importlib.import_module(name)
+    sys.argv = [f"python -m {name}", *rest]
+    if not hasattr(module, "main"):  # a plain script
+        runpy.run_path(str(Path(module.__file__)), run_name="__main__")
+        return 0
+    takes_argv = bool(inspect.signature(module.main).parameters)
+    return (module.main(rest) if takes_argv else module.main()) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
