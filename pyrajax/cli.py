@@ -1,4 +1,4 @@
-"""`pyrajax` command line: the demo on the embedded model, and the pyramid plot."""
+"""`pyrajax` command line: the demo on the embedded model, the pyramid plot, and (forwarded) eval and bench."""
 from __future__ import annotations
 
 import argparse
@@ -75,8 +75,20 @@ def plot_pyramid(args) -> int:
     return 0
 
 
+FORWARDED = {"eval": "quality evaluation (perplexity, needle retrieval, agreement): see `pyrajax eval -h`",
+             "bench": "GPU benchmarks (throughput, sweep, peer, plots, kernels, parity): see `pyrajax bench -h`"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pyrajax", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        from pyrajax.eval import main as eval_main
+        return eval_main(argv[1:]) or 0
+    if argv[:1] == ["bench"]:
+        from bench.__main__ import main as bench_main
+        return bench_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="pyrajax", description=__doc__,
+                                 epilog="also: " + "; ".join(f"`pyrajax {k}`: {v}" for k, v in FORWARDED.items()))
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="chat answers from the embedded SmolLM2-135M-Instruct, full vs pyramid cache")
     d.add_argument("--checkpoint", help="a converted checkpoint (default: the embedded model, fetched once)")
