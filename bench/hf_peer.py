@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # pyrajax (for the presets) imports jax: keep it off the GPU
 import pyrajax  # noqa: E402
+from bench.throughput import add_workload_args  # noqa: E402
 
 MODES = ("eager", "static-compile")
 
@@ -128,10 +129,7 @@ def run(args, result: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama2-7b", choices=sorted(pyrajax.config.PRESETS))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--mode", default="eager", choices=MODES)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: eager 1, compile 2)")

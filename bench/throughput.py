@@ -81,12 +81,17 @@ def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: in
                 peak_memory_bytes=peak_memory(), first_tokens=r.tokens[0][:8], _stats=s)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The workload every benchmark shares (the paper's Table 1 setup by default)."""
     ap.add_argument("--model", default="llama2-7b", choices=sorted(pyrajax.config.PRESETS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(ap)
     ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
     ap.add_argument("--impl", nargs="+", default=["auto"])
     ap.add_argument("--repeat", type=int, default=2)
