@@ -157,6 +157,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "bfloat16", force: bo
             try:
                 source.tokenizer(tok_dir)
             except Exception as e:
+                if isinstance(e, ImportError) or "Could not import module" in str(e):
+                    raise ConversionError(
+                        f"cannot convert the tokenizer of {source.description}: transformers needs torch for it "
+                        f"({one_line(e)}); install the converter extra: pip install 'pyrajax[convert]' "
+                        "(on a CPU-only Python 3.11 machine: pip install torch==2.13.0)") from None
                 raise ConversionError(f"cannot convert the tokenizer of {source.description} "
                                       f"({type(e).__name__}: {one_line(e)}); fix or remove the tokenizer files") from None
         try:
