@@ -36,7 +36,10 @@ def demo(args) -> int:
     results = {}
     for policy in args.cache:
         gcfg = pyrajax.GenerationConfig(model=cfg, max_new_tokens=args.max_new_tokens, cache=policy)
-        results[policy] = pyrajax.generate(params, prompts, gcfg)
+        try:
+            results[policy] = pyrajax.generate(params, prompts, gcfg)
+        except ValueError as e:  # e.g. a budget too small for these lengths: show the others anyway
+            print(f"[{policy}] skipped: {e}")
     for i, text in enumerate(args.prompt or DEMO_PROMPTS):
         print(f"\n### {text}")
         for policy, r in results.items():
