@@ -303,27 +303,27 @@ def test_error_bad_weight_files(capsys, hf_copy, tmp_path):
     run_failing(capsys, src, tmp_path / "out", expect="no weights")
 
 
-def test_error_missing_key_single_file(capsys, hf_dirs, tmp_path):
+def single_file_source(hf_dirs, tmp_path, edit) -> Path:
+    """The untied tiny HF checkpoint as one model.safetensors, its state dict changed by `edit` first."""
     from safetensors.torch import save_file
 
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(hf_dirs["st-untied"][0] / "config.json", src)
     sd = dict(hf_dirs["st-untied"][1])
-    del sd["model.norm.weight"]
+    edit(sd)
     save_file(sd, src / "model.safetensors")
+    return src
+
+
+def test_error_missing_key_single_file(capsys, hf_dirs, tmp_path):
+    src = single_file_source(hf_dirs, tmp_path, lambda sd: sd.pop("model.norm.weight"))
     run_failing(capsys, src, tmp_path / "out", expect="no weight 'model.norm.weight'")
 
 
 def test_error_extra_weights_and_meta_shards(capsys, hf_dirs, tmp_path):
-    from safetensors.torch import save_file
-
-    src = tmp_path / "src"
-    src.mkdir()
-    shutil.copy(hf_dirs["st-untied"][0] / "config.json", src)
-    sd = dict(hf_dirs["st-untied"][1])
-    sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(DIM)
-    save_file(sd, src / "model.safetensors")
+    src = single_file_source(hf_dirs, tmp_path,
+                             lambda sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(DIM)}))
     run_failing(capsys, src, tmp_path / "out", expect="only the plain LLaMA architecture is supported")
     write_meta(hf_dirs["st-untied"][1], tmp_path / "meta")
     (tmp_path / "meta" / "consolidated.00.pth").unlink()
