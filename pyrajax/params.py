@@ -136,8 +136,11 @@ def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokeni
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.rename(dst, old)
+            if not dst.is_dir():
+                raise FileExistsError(f"{dst} is a file, not a checkpoint directory; remove it or pick another path")
+            # A fresh unique name: a leftover from an interrupted earlier run cannot block the swap.
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.rename(dst, old / "ckpt")
             os.rename(tmp, dst)
             shutil.rmtree(old)
         else:
