@@ -307,19 +307,19 @@ def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: Seq
     return idx, new_pos
 
 
-def row_scores(lc: LayerCache, row_pos, newest, window, weight) -> Float[Array, "B C"]:
-    return jnp.einsum("bw,bwc->bc", recency_weights(row_pos, newest, window, weight), lc.rows)
-
-
-def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array,
+def evict(lc: LayerCache, row_weights: Float[Array, "B W"], candidate: jax.Array, trigger: jax.Array,
           n_evict: int) -> LayerCache:
-    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence. Nothing moves: the slots
-    are marked empty (pos -1) and the next tokens are written into them, so an eviction costs a top-k over
-    the slot scores and a few scalar writes, never a pass over the keys and values. Non-candidates (sinks,
-    window, protected blocks, empty slots) always stay."""
-    priority = jnp.where(candidate, -scores, -BIG)  # top_k picks the largest: negate, candidates first
-    idx = jax.lax.cond(jnp.any(trigger), lambda: jax.lax.top_k(priority, n_evict)[1],
-                       lambda: jnp.zeros(priority.shape[:1] + (n_evict,), jnp.int32))
+    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence; a slot's score is the
+    `row_weights`-weighted sum of its column of the attention-row ring. Nothing moves: the slots are marked
+    empty (pos -1) and the next tokens are written into them, so an eviction costs a top-k over the slot
+    scores and a few scalar writes, never a pass over the keys and values. The scores are computed only when
+    some sequence triggers, so steps without an eviction never read the ring. Non-candidates (sinks, window,
+    protected blocks, empty slots) always stay."""
+    def lowest():
+        scores = jnp.einsum("bw,bwc->bc", row_weights, lc.rows)
+        return jax.lax.top_k(jnp.where(candidate, -scores, -BIG), n_evict)[1]  # top_k takes the largest
+
+    idx = jax.lax.cond(jnp.any(trigger), lowest, lambda: jnp.zeros(lc.pos.shape[:1] + (n_evict,), jnp.int32))
     b = jnp.arange(lc.pos.shape[0])[:, None]
     freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
     return lc.replace(pos=lc.pos.at[b, idx].set(freed), length=lc.length - jnp.where(trigger, n_evict, 0))

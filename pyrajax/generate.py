@@ -167,8 +167,8 @@ def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax
     else:  # "budget": the layer is at its budget; anything but sinks and the window may go
         trigger = lc.length >= seq.budget[:, l]
         candidate = slot_used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
-    scores = kvc.row_scores(lc, cache.row_pos, p - 1, seq.window, policy.recency_weight)
-    return kvc.evict(lc, scores, candidate, trigger, E)
+    weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
+    return kvc.evict(lc, weights, candidate, trigger, E)
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
