@@ -14,8 +14,10 @@ The full cache is the same machinery with nothing dropped: `PyramidConfig.full()
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +139,16 @@ FAMILIES = {
 
 def cache_preset(name: str) -> PyramidConfig:
     """Named policies: "full", "paper" (the reference settings), "budget-F" (PyramidInfer, whole cache <= F of
-    full) and the same-budget baselines "streaming-F", "h2o-F", "snapkv-F", "pyramidkv-F"."""
+    full) and the same-budget baselines "streaming-F", "h2o-F", "snapkv-F", "pyramidkv-F"; any of them with
+    field overrides after a colon, e.g. "budget-0.45:budget_profile=uniform,recent_ratio=0.1"."""
+    base, colon, overrides = name.partition(":")
+    policy = _named(base)
+    if colon:
+        policy = dataclasses.replace(policy, name=name, **_parse_overrides(overrides, name))
+    return policy
+
+
+def _named(name: str) -> PyramidConfig:
     if name == "full":
         return PyramidConfig.full()
     if name == "paper":
@@ -152,7 +163,23 @@ def cache_preset(name: str) -> PyramidConfig:
             return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=budget,
                                  **FAMILIES[family])
     raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or '<family>-F' with family one of "
-                     f"{', '.join(FAMILIES)} and F in (0, 1] (e.g. 'budget-0.45'), or pass a PyramidConfig")
+                     f"{', '.join(FAMILIES)} and F in (0, 1] (e.g. 'budget-0.45'), optionally followed by "
+                     "':field=value,...', or pass a PyramidConfig")
+
+
+def _parse_overrides(text: str, spec: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(PyramidConfig)} - {"name"}
+    out = {}
+    for item in re.split(r",(?=\s*\w+\s*=)", text):  # commas inside a tuple value do not split
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or key not in fields:
+            raise ValueError(f"cache preset {spec!r}: {item.strip()!r} is not 'field=value' with a PyramidConfig "
+                             f"field ({', '.join(sorted(fields))})")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word, e.g. scorer=accumulated
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -242,8 +242,14 @@ def env_info() -> dict:
                 dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
+def family(name: str) -> str:
+    """The curve a policy belongs to: its name without the budget, e.g. "h2o-0.45" -> "h2o",
+    "budget-0.3:scorer=accumulated" -> "budget:scorer=accumulated"."""
+    return re.sub(r"-(\d*\.?\d+)(?=:|$)", "", name, count=1)
+
+
 def plot(results: dict, path: Path) -> None:
-    """Quality against KV fraction, one point per policy, one panel per task."""
+    """Quality against KV fraction, one curve per policy family (its budgets joined), one panel per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,28 +258,32 @@ def plot(results: dict, path: Path) -> None:
                                                     ("agree", "agreement", "greedy agreement with full"))
               if any(t in r for r in results.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    curves: dict = {}
+    for name, r in results.items():
+        curves.setdefault(family(name), []).append(r)
     for ax, (task, key, label) in zip(axes[0], panels):
-        for name, r in results.items():
-            if task in r:
-                ax.scatter(r[task]["kv_fraction"], r[task][key])
-                ax.annotate(name, (r[task]["kv_fraction"], r[task][key]), fontsize=8, xytext=(4, 4),
-                            textcoords="offset points")
+        for fam, rs in curves.items():
+            pts = sorted((r[task]["kv_fraction"], r[task][key]) for r in rs if task in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=fam)
         ax.set_xlabel("KV cache (fraction of full)")
         ax.set_ylabel(label)
         ax.set_title(task)
         ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def table(results: dict) -> str:
-    lines = [f"{'policy':>14} {'KV (ppl)':>9} {'ppl':>9} {'vs full':>8} {'needle':>7} {'agree':>7} {'1st div':>8}"]
+    w = max([14] + [len(n) for n in results])
+    lines = [f"{'policy':>{w}} {'KV (ppl)':>9} {'ppl':>9} {'vs full':>8} {'needle':>7} {'agree':>7} {'1st div':>8}"]
     full_ppl = results.get("full", {}).get("ppl", {}).get("ppl")
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
     for name, r in results.items():
         ppl = r.get("ppl", {})
-        lines.append(f"{name:>14} {f(ppl.get('kv_fraction'), '.1%'):>9} {f(ppl.get('ppl'), '.3f'):>9} "
+        lines.append(f"{name:>{w}} {f(ppl.get('kv_fraction'), '.1%'):>9} {f(ppl.get('ppl'), '.3f'):>9} "
                      f"{f(ppl['ppl'] / full_ppl if ppl and full_ppl else None, '.4f'):>8} "
                      f"{f(r.get('needle', {}).get('accuracy'), '.0%'):>7} "
                      f"{f(r.get('agree', {}).get('agreement'), '.3f'):>7} "
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                  if agree_prompts else None)
     results = {}
     for name in args.policies:
-        r = results[name] = {}
+        r = results[name] = dict(config=dataclasses.asdict(as_policy(name)))
         if "ppl" in args.tasks:
             r["ppl"] = perplexity(params, cfg, ids, name, args.context, args.continuation, args.stride,
                                   args.max_chunks, batch_size=args.batch, impl=args.impl)

@@ -170,9 +170,17 @@ def test_budget_too_small_and_unknown_preset(tiny):
     with pytest.raises(ValueError, match="budget=0.05 is too small"):
         pyrajax.generate(params, [list(range(3, 100))], pyrajax.GenerationConfig(model=cfg, max_new_tokens=20,
                                                                                   cache="budget-0.05"))
-    for bad in ["budget-abc", "pyramid", "budget-2", "h2o", "snapkv-x", "streamingllm-0.5"]:
+    for bad in ["budget-abc", "pyramid", "budget-2", "h2o", "snapkv-x", "streamingllm-0.5", "budget-0.45:scorer",
+                "budget-0.45:colour=red", "h2o-0.45:budget_profile=cosine"]:
         with pytest.raises(ValueError):
             cache_preset(bad)
+
+
+def test_preset_overrides():
+    p = cache_preset("budget-0.45:budget_profile=uniform, recency_weight=(1.0, 1.1),scorer=accumulated")
+    assert (p.budget, p.budget_profile, p.recency_weight, p.scorer) == (0.45, "uniform", (1.0, 1.1), "accumulated")
+    assert p.prune_hidden and p.name.startswith("budget-0.45:")
+    assert cache_preset("h2o-0.3:recent_ratio=0.1").recent_ratio == 0.1
 
 
 TINY_H2O = PyramidConfig(name="tiny-h2o", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
