@@ -316,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/eval-<model>.json); "
                                              "the plot goes beside it as .png")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the results already in --out (same policy and task: replaced)")
     return ap
 
 
@@ -344,9 +346,17 @@ def main(argv: list[str] | None = None) -> int:
                      if "agree" in args.tasks else None)
     reference = (_generate_all(params, cfg, agree_prompts, "full", args.agree_n, args.batch, "agree full", True)[0]
                  if agree_prompts else None)
-    results = {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update(checkpoint=str(path), dtype=jnp.dtype(dtype).name, env=env_info(),
+                    needle_prompts=[{k: v for k, v in p.items() if k != "ids"} for p in needles or []])
+    runs, results = [settings], {}
+    if args.append and out.exists():  # add to an earlier run's results (a policy's task is replaced)
+        old = json.loads(out.read_text())
+        runs, results = old["runs"] + runs, old["results"]
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.policies:
-        r = results[name] = dict(config=dataclasses.asdict(as_policy(name)))
+        r = results.setdefault(name, {})
+        r["config"] = dataclasses.asdict(as_policy(name))
         if "ppl" in args.tasks:
             r["ppl"] = perplexity(params, cfg, ids, name, args.context, args.continuation, args.stride,
                                   args.max_chunks, batch_size=args.batch, impl=args.impl)
@@ -354,13 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             r["needle"] = needle_accuracy(params, cfg, needles, name, args.needle_new_tokens, args.batch)
         if agree_prompts:
             r["agree"] = agreement(params, cfg, agree_prompts, name, args.agree_n, reference, args.batch)
-
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings.update(checkpoint=str(path), dtype=jnp.dtype(dtype).name,
-                    needle_prompts=[{k: v for k, v in p.items() if k != "ids"} for p in needles or []])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env_info(), settings=settings, model=dataclasses.asdict(cfg),
-                                   results=results), indent=1))
+        # Written after every policy: a long run that stops keeps what it finished (rerun with --append).
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(model=dataclasses.asdict(cfg), runs=runs, results=results), indent=1))
+        tmp.replace(out)
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     print(table(results))

@@ -175,9 +175,10 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
                 acc = jnp.where(kept, jnp.take_along_axis(acc, idx, axis=1), 0.0)
         if rows is not None:
             rows = _to_cache_layout(rows.swapaxes(1, 2), C, 0.0).swapaxes(1, 2)
-        layers.append(LayerCache(k=_to_cache_layout(k, C, 0).swapaxes(1, 2), v=_to_cache_layout(v, C, 0).swapaxes(1, 2),
-                                 pos=_to_cache_layout(cache_pos, C, -1), length=jnp.sum(cache_pos >= 0, axis=1).astype(jnp.int32),
-                                 rows=rows, acc=None if acc is None else _to_cache_layout(acc, C, 0.0)))
+        k_slots, v_slots = (_to_cache_layout(a, C, 0).swapaxes(1, 2) for a in (k, v))
+        layers.append(LayerCache(k=k_slots, v=v_slots, pos=_to_cache_layout(cache_pos, C, -1),
+                                 length=jnp.sum(cache_pos >= 0, axis=1).astype(jnp.int32), rows=rows,
+                                 acc=None if acc is None else _to_cache_layout(acc, C, 0.0)))
         if prune:
             idx, pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
