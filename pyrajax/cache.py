@@ -399,16 +399,12 @@ def pool_scores(scores: Float[Array, "B n"], kernel: int) -> Float[Array, "B n"]
                                  ((0, 0), (kernel // 2, kernel // 2)))
 
 
-def evict(lc: LayerCache, slot_scores, candidate: jax.Array, trigger: jax.Array, n_evict: int) -> LayerCache:
-    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence. Nothing moves: the slots
-    are marked empty (pos -1) and the next tokens are written into them, so an eviction costs a top-k over the
-    slot scores and a few scalar writes, never a pass over the keys and values. `slot_scores()` ([B, C]) is
-    called only when some sequence triggers, so steps without an eviction never compute it. Non-candidates
-    (sinks, window, protected blocks, empty slots) always stay."""
-    def lowest():
-        return jax.lax.top_k(jnp.where(candidate, -slot_scores(), -BIG), n_evict)[1]  # top_k takes the largest
-
-    idx = jax.lax.cond(jnp.any(trigger), lowest, lambda: jnp.zeros(lc.pos.shape[:1] + (n_evict,), jnp.int32))
+def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array, n_evict: int):
+    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence: returns the layer's new
+    (pos, length). Nothing moves: the slots are marked empty (pos -1) and the next tokens are written into
+    them, so an eviction costs a top-k over the slot scores and a few scalar writes, never a pass over the
+    keys and values. Non-candidates (sinks, window, protected blocks, empty slots) always stay."""
+    idx = jax.lax.top_k(jnp.where(candidate, -scores, -BIG), n_evict)[1]  # top_k takes the largest
     b = jnp.arange(lc.pos.shape[0])[:, None]
     freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
-    return lc.replace(pos=lc.pos.at[b, idx].set(freed), length=lc.length - jnp.where(trigger, n_evict, 0))
+    return lc.pos.at[b, idx].set(freed), lc.length - jnp.where(trigger, n_evict, 0)

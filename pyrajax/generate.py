@@ -193,28 +193,48 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
 # ---------------------------------------------------------------------------------------------------------
 # Decode
 
-def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax.Array) -> LayerCache:
-    """Generation-phase eviction for one layer, before the new token is appended."""
-    policy, seq, E = plan.policy, cache.seq, plan.evict[l]
-    if policy.gen_rule == "none" or E == 0:
-        return lc
-    slot_used = lc.pos >= 0
-    if policy.gen_rule == "reference":
-        # The oldest uncut block of generated tokens, once it has entirely left the recent window.
-        lo = cache.compressed_upto[:, None]
-        trigger = cache.compressed_upto + policy.gen_block - 1 <= p - seq.window
-        candidate = slot_used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
-    else:  # "budget": the layer is at its budget; anything but sinks and the window may go
-        trigger = lc.length >= seq.budget[:, l]
-        candidate = slot_used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
-    if policy.scorer == "window":
-        weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
-        slot_scores = lambda: jnp.einsum("bw,bwc->bc", weights, lc.rows)
-    elif policy.scorer == "accumulated":
-        slot_scores = lambda: lc.acc
-    else:  # "recency": the oldest go first
-        slot_scores = lambda: lc.pos.astype(jnp.float32)
-    return kvc.evict(lc, slot_scores, candidate, trigger, E)
+def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, ...]:
+    """Generation-phase eviction of every layer, before this step's token is appended anywhere.
+
+    A layer's decision depends only on its own state after the previous step, so deciding every layer up
+    front is the same as deciding each just before its append. Up front, one branch serves all layers: the
+    candidates, scores and top-k run only on steps where some layer of some sequence triggers (one step in
+    `gen_block` under the budget rule), and the GPU waits for one branch predicate per step, not one per
+    layer (measured: 32 per-layer branches left the H100 idle 0.3 ms per 7B step)."""
+    policy, seq, layers = plan.policy, cache.seq, list(cache.layers)
+    todo = [l for l in range(plan.num_layers) if policy.gen_rule != "none" and plan.evict[l]]
+    if not todo:
+        return cache.layers
+    if policy.gen_rule == "reference":  # the oldest uncut generated block has left the window: every layer
+        trigger = jnp.broadcast_to((cache.compressed_upto + policy.gen_block - 1 <= p - seq.window)[:, None],
+                                   (p.shape[0], len(todo)))
+    else:  # "budget": the layer is at its budget
+        trigger = jnp.stack([layers[l].length for l in todo], axis=1) >= seq.budget[:, np.array(todo)]
+
+    def run():
+        if policy.scorer == "window":
+            weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
+        out = []
+        for i, l in enumerate(todo):
+            lc = layers[l]
+            used = lc.pos >= 0
+            if policy.gen_rule == "reference":
+                lo = cache.compressed_upto[:, None]
+                candidate = used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
+            else:  # anything but sinks and the window may go
+                candidate = used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+            scores = (jnp.einsum("bw,bwc->bc", weights, lc.rows) if policy.scorer == "window"
+                      else lc.acc if policy.scorer == "accumulated"
+                      else lc.pos.astype(jnp.float32))  # "recency": the oldest go first
+            out.append(kvc.evict(lc, scores, candidate, trigger[:, i], plan.evict[l]))
+        return tuple(out)
+
+    def skip():
+        return tuple((layers[l].pos, layers[l].length) for l in todo)
+
+    for l, (pos, length) in zip(todo, jax.lax.cond(jnp.any(trigger), run, skip)):
+        layers[l] = layers[l].replace(pos=pos, length=length)
+    return tuple(layers)
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
@@ -224,9 +244,10 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     b = jnp.arange(B)
     p = cache.next_pos
     x = embed(params, token[:, None])
+    evicted = _evict(cache, plan, p)
     layers = []
     for l, lp in enumerate(params.layers):
-        lc = _maybe_evict(cache.layers[l], cache, l, plan, p)
+        lc = evicted[l]
         q, k, v = qkv(lp, x, p[:, None], cfg)
         slot = jnp.argmax(lc.pos < 0, axis=1)  # the first empty slot (capacities guarantee one)
         lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0]), v=lc.v.at[b, :, slot].set(v[:, 0]),
