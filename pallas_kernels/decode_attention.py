@@ -122,9 +122,11 @@ def decode_attention(q, k, v, k_pos, q_pos, length, *, impl: str = "auto", inter
     """q [B, H, hd] (one new token per sequence), k/v [B, K, C, hd], k_pos [B, C] (-1 = empty), q_pos [B],
     length: int32 scalar, slots >= length empty for every sequence -> (out [B, H, hd] in q.dtype,
     prob_mean [B, C] float32 = mean over the H heads of each slot's softmax probability)."""
-    # "auto" keeps XLA for tiny batches: on the H100 at batch 1 (7B shape, 4k cache) XLA's fused einsum ran
-    # 80 us against the kernel's 87 us, while from B*K = 256 up the kernel is faster (bench/results/kernels-*).
-    if use_pallas(impl) and (impl == "pallas" or q.shape[0] * k.shape[1] >= 128):
+    # "auto" keeps XLA for tiny batches and short caches: on the H100 at batch 1 (7B shape, 4k cache) XLA's
+    # fused einsum ran 80 us against the kernel's 87 us, while from B*K = 256 up the kernel is faster
+    # (bench/results/kernels-*); end to end at batch 32 the kernel won on 768-slot caches (full, 512+256) and
+    # lost 1% on budget-0.45's 139-528-slot caches (bench/results/throughput-llama2-7b-b32-pallas-vs-xla-*).
+    if use_pallas(impl) and (impl == "pallas" or (q.shape[0] * k.shape[1] >= 128 and k.shape[2] >= 640)):
         return _decode_pallas(q, k, v, k_pos, q_pos, length, resolve_interpret(interpret), block_c, num_splits)
     return decode_attention_reference(q, k, v, k_pos, q_pos, length)
 

@@ -14,8 +14,10 @@ The full cache is the same machinery with nothing dropped: `PyramidConfig.full()
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,16 @@ class PyramidConfig:
     gen_rule: "none" (append only), "reference" (every `gen_block` tokens that leave the recent window are
         cut to k_l = max(floor(gen_block * gen_decay * g_l), 1)), "budget" (when a layer's cache reaches its
         budget, the `gen_block` lowest-scored tokens outside sinks and window are evicted).
+    prune_hidden: True (PyramidInfer) drops the unselected tokens' hidden states, so deeper layers compute and
+        cache fewer tokens; False (SnapKV, PyramidKV, H2O, StreamingLLM) runs every prompt token through every
+        layer and selects only what each layer's cache keeps, by that layer's own scores.
+    budget_profile: how the budget is spread over layers: "pyramid" (cosine, high to low), "linear" (PyramidKV)
+        or "uniform" (the same budget at every layer). With prune_hidden, layer 0 holds the whole prompt.
+    scorer: what a token's importance is. "window": the recency-weighted mean attention of the last W queries
+        (max-pooled over `pool_kernel` neighbouring keys in prefill when > 1, as SnapKV); "accumulated": the
+        attention summed over every query so far (H2O's heavy hitters); "recency": its position (StreamingLLM:
+        sinks + the most recent tokens). Every scorer averages over heads: one index set per layer serves
+        every KV head, so one gather moves a layer's keys and values.
     """
     name: str = "custom"
     recent_ratio: float = 0.2
@@ -54,6 +66,10 @@ class PyramidConfig:
     gen_block: int = 16
     gen_decay: float = 0.9
     budget: float | None = None
+    prune_hidden: bool = True
+    budget_profile: str = "pyramid"
+    scorer: str = "window"
+    pool_kernel: int = 1
     length_bucket: int = 8
     # Slots entering each layer in prefill are rounded up to a multiple of this (the extra slots are empty):
     # few distinct matmul shapes compile (and autotune) far faster than one per layer.
@@ -75,6 +91,13 @@ class PyramidConfig:
              "must be 'none', 'reference' or 'budget'")
         need(isinstance(self.gen_block, int) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
         need(0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
+        need(isinstance(self.prune_hidden, bool), "prune_hidden", "must be True or False")
+        need(self.budget_profile in ("pyramid", "linear", "uniform"), "budget_profile",
+             "must be 'pyramid', 'linear' or 'uniform'")
+        need(self.scorer in ("window", "accumulated", "recency"), "scorer",
+             "must be 'window', 'accumulated' or 'recency'")
+        need(isinstance(self.pool_kernel, int) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
+             "pool_kernel", "must be an odd int >= 1")
         for f in ("length_bucket", "prefill_bucket"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an int >= 1")
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
@@ -85,29 +108,78 @@ class PyramidConfig:
         object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
 
     @property
-    def scores_generation(self) -> bool:
-        return self.gen_rule != "none"
+    def selects_in_prefill(self) -> bool:
+        return self.prefill_schedule != "none"
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Generation scores with the ring of the last W attention rows."""
+        return self.gen_rule != "none" and self.scorer == "window"
+
+    @property
+    def keeps_accumulated(self) -> bool:
+        """Generation scores with each slot's attention summed over every query so far."""
+        return self.gen_rule != "none" and self.scorer == "accumulated"
 
     @classmethod
     def full(cls) -> "PyramidConfig":
         return cls(name="full", prefill_schedule="none", gen_rule="none")
 
 
+# "<family>-F": the whole cache <= F of the full cache at 512+256, every family evicting in generation under
+# the same budget rule, window and sinks, so comparisons are at equal memory and differ only in what is named.
+FAMILIES = {
+    "budget": dict(),  # PyramidInfer: hidden-state pruning in prefill, cosine budgets, recent-window scores
+    "streaming": dict(prune_hidden=False, budget_profile="uniform", scorer="recency"),  # StreamingLLM
+    "h2o": dict(prune_hidden=False, budget_profile="uniform", scorer="accumulated"),  # H2O
+    "snapkv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7),
+    "pyramidkv": dict(prune_hidden=False, budget_profile="linear", recency_weight=(1.0, 1.0), pool_kernel=7),
+}
+
+
 def cache_preset(name: str) -> PyramidConfig:
-    """Named policies: "full", "paper" (the reference settings) and "budget-F" (whole cache <= F of full)."""
+    """Named policies: "full", "paper" (the reference settings), "budget-F" (PyramidInfer, whole cache <= F of
+    full) and the same-budget baselines "streaming-F", "h2o-F", "snapkv-F", "pyramidkv-F"; any of them with
+    field overrides after a colon, e.g. "budget-0.45:budget_profile=uniform,recent_ratio=0.1"."""
+    base, colon, overrides = name.partition(":")
+    policy = _named(base)
+    if colon:
+        policy = dataclasses.replace(policy, name=name, **_parse_overrides(overrides, name))
+    return policy
+
+
+def _named(name: str) -> PyramidConfig:
     if name == "full":
         return PyramidConfig.full()
     if name == "paper":
         return PyramidConfig(name="paper")
-    if name.startswith("budget-"):
+    family, _, frac = name.rpartition("-")
+    if family in FAMILIES:
         try:
-            frac = float(name.removeprefix("budget-"))
+            budget = float(frac)
         except ValueError:
-            frac = None
-        if frac is not None:
-            return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=frac)
-    raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or 'budget-F' with F in (0, 1] "
-                     "(e.g. 'budget-0.45'), or pass a PyramidConfig")
+            budget = None
+        if budget is not None:
+            return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=budget,
+                                 **FAMILIES[family])
+    raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or '<family>-F' with family one of "
+                     f"{', '.join(FAMILIES)} and F in (0, 1] (e.g. 'budget-0.45'), optionally followed by "
+                     "':field=value,...', or pass a PyramidConfig")
+
+
+def _parse_overrides(text: str, spec: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(PyramidConfig)} - {"name"}
+    out = {}
+    for item in re.split(r",(?=\s*\w+\s*=)", text):  # commas inside a tuple value do not split
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or key not in fields:
+            raise ValueError(f"cache preset {spec!r}: {item.strip()!r} is not 'field=value' with a PyramidConfig "
+                             f"field ({', '.join(sorted(fields))})")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word, e.g. scorer=accumulated
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,39 +196,48 @@ def gen_keep_counts(policy: PyramidConfig, num_layers: int) -> list[int]:
 
 
 def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> list[int]:
-    """Per-layer budgets (tokens) whose sum is <= budget * L * (S + T), decaying with depth.
+    """Per-layer budgets (tokens) whose sum is <= budget * L * (S + T), never growing with depth.
 
-    Layer 0 holds the whole prompt plus one block (every prompt token enters layer 0); deeper layers follow a
-    cosine from high to the smallest workable size (sinks + window + two blocks)."""
+    With `prune_hidden`, layer 0 holds the whole prompt plus one block (every prompt token enters layer 0).
+    The other layers share the rest by `budget_profile`, each at least the smallest workable size (sinks +
+    window + two blocks): "pyramid" falls along a cosine, "linear" along a line (both symmetric about the
+    mean), "uniform" is flat."""
     S, T, L, E = prompt_len, max_new, num_layers, policy.gen_block
     full = S + T
     lo = min(full, policy.num_sinks + window_size(policy, S) + 2 * E)
-    first = min(full, S + E)
+    fixed = [min(full, S + E)] if policy.prune_hidden else []
+    n = L - len(fixed)
     total = math.floor(policy.budget * L * full)
-    rest_mean = (total - first) / max(L - 1, 1)
-    if L > 1 and rest_mean < lo:
+    mean = (total - sum(fixed)) / max(n, 1)
+    if n and mean < lo:
+        need = (lo * n + sum(fixed)) / (L * full)
         raise ValueError(
             f"PyramidConfig.budget={policy.budget} is too small for a {S}-token prompt + {T} new tokens over "
-            f"{L} layers: each layer needs at least sinks + window + 2 blocks = {lo} tokens and layer 0 the "
-            f"whole prompt; use a budget >= {((lo * (L - 1) + first) / (L * full)):.3f} or a smaller "
+            f"{L} layers: each layer needs at least sinks + window + 2 blocks = {lo} tokens"
+            f"{' and layer 0 the whole prompt' if fixed else ''}; use a budget >= {need:.3f} or a smaller "
             "recent_ratio / gen_block")
-    caps = [first]
-    for l in range(1, L):
-        g = (math.cos(math.pi * (l - 1) / max(L - 2, 1)) + 1) / 2
-        c = min(full, math.floor(lo + 2 * (rest_mean - lo) * g))
+    shape = {"pyramid": lambda i: (math.cos(math.pi * i / max(n - 1, 1)) + 1) / 2,
+             "linear": lambda i: 1 - i / max(n - 1, 1),
+             "uniform": lambda i: 0.5}[policy.budget_profile]
+    caps = list(fixed)
+    for i in range(n):
+        c = min(full, math.floor(lo + 2 * (mean - lo) * shape(i)))
         c = max(lo, c - c % policy.length_bucket)  # bucketed lengths; rounding down keeps within budget
-        caps.append(min(c, caps[-1]))  # never deeper-is-larger: the pyramid only narrows
+        caps.append(min(c, caps[-1]) if caps else c)  # never deeper-is-larger
     return caps
 
 
 def prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: int,
                     caps: list[int] | None = None) -> list[int]:
-    """How many tokens enter (and are cached by) each layer during prefill."""
+    """How many prompt tokens each layer caches after prefill. With `prune_hidden` these are also the tokens
+    entering the layer; without it every layer sees the whole prompt and only its cache is cut."""
     S, L = prompt_len, num_layers
     if policy.prefill_schedule == "none":
         return [S] * L
     W = window_size(policy, S)
-    if policy.prefill_schedule == "budget":
+    if policy.prefill_schedule == "budget":  # one block of room left for generation before the first eviction
+        if not policy.prune_hidden:
+            return [min(S, c - policy.gen_block) for c in caps]
         out = [S]
         for l in range(1, L):
             out.append(min(out[-1], caps[l] - policy.gen_block))
@@ -223,7 +304,8 @@ def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_laye
 def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int) -> CachePlan:
     pre, cap, evict, _ = layer_lengths(policy, prompt_bucket, new_bucket, num_layers)
     step = policy.prefill_bucket
-    slots = [min(prompt_bucket, -(-n // step) * step) for n in pre]
+    slots = ([min(prompt_bucket, -(-n // step) * step) for n in pre] if policy.prune_hidden
+             else [prompt_bucket] * num_layers)
     return CachePlan(policy=policy, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
                      window=window_size(policy, prompt_bucket), prefill=tuple(slots), capacity=tuple(cap),
                      evict=tuple(evict))
@@ -231,8 +313,8 @@ def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_la
 
 @struct.dataclass
 class SeqPlan:
-    """Per-sequence schedule, as data. keep[b, l]: tokens of sequence b entering layer l in prefill;
-    budget[b, l]: its budget at layer l (budget rule)."""
+    """Per-sequence schedule, as data. keep[b, l]: prompt tokens of sequence b that layer l caches after
+    prefill (with prune_hidden: the tokens entering layer l); budget[b, l]: its budget at layer l."""
     prompt_len: Int[Array, " B"]
     window: Int[Array, " B"]
     keep: Int[Array, "B L"]
@@ -260,6 +342,7 @@ class LayerCache:
     pos: Int[Array, "B C"]  # original position of each slot, -1 when empty
     length: Int[Array, " B"]  # number of valid slots
     rows: Float[Array, "B W C"] | None  # head-averaged attention rows of the last W queries (ring by position)
+    acc: Float[Array, "B C"] | None = None  # head-averaged attention summed over every query so far (H2O)
 
 
 @struct.dataclass
@@ -307,19 +390,21 @@ def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: Seq
     return idx, new_pos
 
 
-def evict(lc: LayerCache, row_weights: Float[Array, "B W"], candidate: jax.Array, trigger: jax.Array,
-          n_evict: int) -> LayerCache:
-    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence; a slot's score is the
-    `row_weights`-weighted sum of its column of the attention-row ring. Nothing moves: the slots are marked
-    empty (pos -1) and the next tokens are written into them, so an eviction costs a top-k over the slot
-    scores and a few scalar writes, never a pass over the keys and values. The scores are computed only when
-    some sequence triggers, so steps without an eviction never read the ring. Non-candidates (sinks, window,
-    protected blocks, empty slots) always stay."""
-    def lowest():
-        scores = jnp.einsum("bw,bwc->bc", row_weights, lc.rows)
-        return jax.lax.top_k(jnp.where(candidate, -scores, -BIG), n_evict)[1]  # top_k takes the largest
+def pool_scores(scores: Float[Array, "B n"], kernel: int) -> Float[Array, "B n"]:
+    """Max over each token's `kernel` neighbours (SnapKV's pooling: keeps a selected token's neighbours too).
+    Prefill slots are in position order, so neighbouring slots are neighbouring tokens."""
+    if kernel == 1:
+        return scores
+    return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, kernel), (1, 1),
+                                 ((0, 0), (kernel // 2, kernel // 2)))
 
-    idx = jax.lax.cond(jnp.any(trigger), lowest, lambda: jnp.zeros(lc.pos.shape[:1] + (n_evict,), jnp.int32))
+
+def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array, n_evict: int):
+    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence: returns the layer's new
+    (pos, length). Nothing moves: the slots are marked empty (pos -1) and the next tokens are written into
+    them, so an eviction costs a top-k over the slot scores and a few scalar writes, never a pass over the
+    keys and values. Non-candidates (sinks, window, protected blocks, empty slots) always stay."""
+    idx = jax.lax.top_k(jnp.where(candidate, -scores, -BIG), n_evict)[1]  # top_k takes the largest
     b = jnp.arange(lc.pos.shape[0])[:, None]
     freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
-    return lc.replace(pos=lc.pos.at[b, idx].set(freed), length=lc.length - jnp.where(trigger, n_evict, 0))
+    return lc.pos.at[b, idx].set(freed), lc.length - jnp.where(trigger, n_evict, 0)

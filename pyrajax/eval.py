@@ -242,8 +242,14 @@ def env_info() -> dict:
                 dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
+def family(name: str) -> str:
+    """The curve a policy belongs to: its name without the budget, e.g. "h2o-0.45" -> "h2o",
+    "budget-0.3:scorer=accumulated" -> "budget:scorer=accumulated"."""
+    return re.sub(r"-(\d*\.?\d+)(?=:|$)", "", name, count=1)
+
+
 def plot(results: dict, path: Path) -> None:
-    """Quality against KV fraction, one point per policy, one panel per task."""
+    """Quality against KV fraction, one curve per policy family (its budgets joined), one panel per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,28 +258,32 @@ def plot(results: dict, path: Path) -> None:
                                                     ("agree", "agreement", "greedy agreement with full"))
               if any(t in r for r in results.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    curves: dict = {}
+    for name, r in results.items():
+        curves.setdefault(family(name), []).append(r)
     for ax, (task, key, label) in zip(axes[0], panels):
-        for name, r in results.items():
-            if task in r:
-                ax.scatter(r[task]["kv_fraction"], r[task][key])
-                ax.annotate(name, (r[task]["kv_fraction"], r[task][key]), fontsize=8, xytext=(4, 4),
-                            textcoords="offset points")
+        for fam, rs in curves.items():
+            pts = sorted((r[task]["kv_fraction"], r[task][key]) for r in rs if task in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=fam)
         ax.set_xlabel("KV cache (fraction of full)")
         ax.set_ylabel(label)
         ax.set_title(task)
         ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def table(results: dict) -> str:
-    lines = [f"{'policy':>14} {'KV (ppl)':>9} {'ppl':>9} {'vs full':>8} {'needle':>7} {'agree':>7} {'1st div':>8}"]
+    w = max([14] + [len(n) for n in results])
+    lines = [f"{'policy':>{w}} {'KV (ppl)':>9} {'ppl':>9} {'vs full':>8} {'needle':>7} {'agree':>7} {'1st div':>8}"]
     full_ppl = results.get("full", {}).get("ppl", {}).get("ppl")
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
     for name, r in results.items():
         ppl = r.get("ppl", {})
-        lines.append(f"{name:>14} {f(ppl.get('kv_fraction'), '.1%'):>9} {f(ppl.get('ppl'), '.3f'):>9} "
+        lines.append(f"{name:>{w}} {f(ppl.get('kv_fraction'), '.1%'):>9} {f(ppl.get('ppl'), '.3f'):>9} "
                      f"{f(ppl['ppl'] / full_ppl if ppl and full_ppl else None, '.4f'):>8} "
                      f"{f(r.get('needle', {}).get('accuracy'), '.0%'):>7} "
                      f"{f(r.get('agree', {}).get('agreement'), '.3f'):>7} "
@@ -306,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/eval-<model>.json); "
                                              "the plot goes beside it as .png")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the results already in --out (same policy and task: replaced)")
     return ap
 
 
@@ -334,9 +346,17 @@ def main(argv: list[str] | None = None) -> int:
                      if "agree" in args.tasks else None)
     reference = (_generate_all(params, cfg, agree_prompts, "full", args.agree_n, args.batch, "agree full", True)[0]
                  if agree_prompts else None)
-    results = {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update(checkpoint=str(path), dtype=jnp.dtype(dtype).name, env=env_info(),
+                    needle_prompts=[{k: v for k, v in p.items() if k != "ids"} for p in needles or []])
+    runs, results = [settings], {}
+    if args.append and out.exists():  # add to an earlier run's results (a policy's task is replaced)
+        old = json.loads(out.read_text())
+        runs, results = old["runs"] + runs, old["results"]
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.policies:
-        r = results[name] = {}
+        r = results.setdefault(name, {})
+        r["config"] = dataclasses.asdict(as_policy(name))
         if "ppl" in args.tasks:
             r["ppl"] = perplexity(params, cfg, ids, name, args.context, args.continuation, args.stride,
                                   args.max_chunks, batch_size=args.batch, impl=args.impl)
@@ -344,13 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             r["needle"] = needle_accuracy(params, cfg, needles, name, args.needle_new_tokens, args.batch)
         if agree_prompts:
             r["agree"] = agreement(params, cfg, agree_prompts, name, args.agree_n, reference, args.batch)
-
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings.update(checkpoint=str(path), dtype=jnp.dtype(dtype).name,
-                    needle_prompts=[{k: v for k, v in p.items() if k != "ids"} for p in needles or []])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env_info(), settings=settings, model=dataclasses.asdict(cfg),
-                                   results=results), indent=1))
+        # Written after every policy: a long run that stops keeps what it finished (rerun with --append).
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(model=dataclasses.asdict(cfg), runs=runs, results=results), indent=1))
+        tmp.replace(out)
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     print(table(results))

@@ -18,7 +18,7 @@ import numpy as np
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gather import pivotal_gather
-from pallas_kernels.score_reduction import window_rows
+from pallas_kernels.score_reduction import score_reduction, window_rows
 from pyrajax import cache as kvc
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
@@ -105,9 +105,32 @@ def _window_queries(lp, x, pos, length, W: int, cfg: ModelConfig):
     return queries(lp, jnp.take_along_axis(x, safe[:, :, None], axis=1), win_pos, cfg), win_pos
 
 
+def _accumulated_scores(q, k, pos, impl: str, chunk: int = 512):
+    """H2O's prefill scores: each key's head-averaged attention summed over every prompt query ([B, n]).
+    Queries go through the score-reduction kernel in chunks, so no [B, H, n, n] is ever materialised whole."""
+    k_heads = k.swapaxes(1, 2)
+    total = 0.0
+    for i in range(0, q.shape[1], chunk):
+        q_pos = pos[:, i:i + chunk]
+        total = total + score_reduction(q[:, i:i + chunk].swapaxes(1, 2), k_heads, q_pos, pos,
+                                        (q_pos >= 0).astype(jnp.float32), impl=impl)
+    return total
+
+
+def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_rows, accumulated):
+    """One importance score per token slot [B, n] under the policy's scorer (higher = keep)."""
+    if policy.scorer == "recency":
+        return pos.astype(jnp.float32)
+    if policy.scorer == "accumulated":
+        return accumulated
+    weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight)
+    return kvc.pool_scores(jnp.einsum("bw,bwn->bn", weights, win_rows), policy.pool_kernel)
+
+
 def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig,
             impl: str = "auto"):
-    """Run the prompt through every layer, pruning between layers per the plan.
+    """Run the prompt through every layer, selecting per the plan: with `prune_hidden` the unselected tokens
+    stop after the layer (PyramidInfer), otherwise every token goes on and only the layer's cache is cut.
     Returns (logits of each sequence's last prompt token [B, V], the filled KVCache)."""
     B, S = tokens.shape
     policy, W, L = plan.policy, plan.window, plan.num_layers
@@ -120,26 +143,43 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
     for l, lp in enumerate(params.layers):
         C = plan.capacity[l]
         length = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
-        select = policy.prefill_schedule != "none" and l + 1 < L
-        scoring = select or policy.scores_generation
-        if scoring:
+        prune = policy.selects_in_prefill and policy.prune_hidden and l + 1 < L  # what enters layer l + 1
+        trim = policy.selects_in_prefill and not policy.prune_hidden  # what layer l's cache keeps
+        windowed = policy.keeps_rows or ((prune or trim) and policy.scorer == "window")
+        win_pos = win_rows = accumulated = None
+        if windowed:
             q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
         q, k, v = qkv(lp, x, pos, cfg)
+        if policy.scorer == "accumulated" and (prune or trim or policy.keeps_accumulated):
+            accumulated = _accumulated_scores(q, k, pos, impl)
         x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
-        rows = None
-        if scoring:
+        if windowed:
             win_rows = window_rows(q_win, k, win_pos, pos, impl=impl)  # [B, W, n], never [B, H, W, n]
             if row_pos is None:
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)
-        if policy.scores_generation:
-            rows = _to_cache_layout(jnp.take_along_axis(win_rows, ring_src[:, :, None], axis=1).swapaxes(1, 2),
-                                    C, 0.0).swapaxes(1, 2)
-        layers.append(LayerCache(k=_to_cache_layout(k, C, 0).swapaxes(1, 2), v=_to_cache_layout(v, C, 0).swapaxes(1, 2),
-                                 pos=_to_cache_layout(pos, C, -1), length=length, rows=rows))
-        if select:
-            weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight)
-            scores = jnp.einsum("bw,bwn->bn", weights, win_rows)
+        if prune or trim:
+            scores = _selection_scores(policy, pos, seq, win_pos, win_rows, accumulated)
+        rows = (jnp.take_along_axis(win_rows, ring_src[:, :, None], axis=1) if policy.keeps_rows else None)
+        acc = accumulated if policy.keeps_accumulated else None
+        cache_pos = pos
+        if trim:  # gather the kept tokens' keys, values, positions and scores into the layer's slots
+            n = pos.shape[1]
+            idx, cache_pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l], policy.num_sinks, min(C, n))
+            kv = pivotal_gather(idx, jnp.concatenate([k, v], axis=2).reshape(B, n, -1), pos, impl=impl)[0]
+            k, v = jnp.split(kv.reshape(B, -1, 2 * k.shape[2], k.shape[3]), 2, axis=2)
+            kept = cache_pos >= 0
+            if rows is not None:
+                rows = jnp.where(kept[:, None, :], jnp.take_along_axis(rows, idx[:, None, :], axis=2), 0.0)
+            if acc is not None:
+                acc = jnp.where(kept, jnp.take_along_axis(acc, idx, axis=1), 0.0)
+        if rows is not None:
+            rows = _to_cache_layout(rows.swapaxes(1, 2), C, 0.0).swapaxes(1, 2)
+        k_slots, v_slots = (_to_cache_layout(a, C, 0).swapaxes(1, 2) for a in (k, v))
+        layers.append(LayerCache(k=k_slots, v=v_slots, pos=_to_cache_layout(cache_pos, C, -1),
+                                 length=jnp.sum(cache_pos >= 0, axis=1).astype(jnp.int32), rows=rows,
+                                 acc=None if acc is None else _to_cache_layout(acc, C, 0.0)))
+        if prune:
             idx, pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
             x = pivotal_gather(idx, x, pos, impl=impl)[0]
@@ -153,22 +193,48 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
 # ---------------------------------------------------------------------------------------------------------
 # Decode
 
-def _maybe_evict(lc: LayerCache, cache: KVCache, l: int, plan: CachePlan, p: jax.Array) -> LayerCache:
-    """Generation-phase eviction for one layer, before the new token is appended."""
-    policy, seq, E = plan.policy, cache.seq, plan.evict[l]
-    if policy.gen_rule == "none" or E == 0:
-        return lc
-    slot_used = lc.pos >= 0
-    if policy.gen_rule == "reference":
-        # The oldest uncut block of generated tokens, once it has entirely left the recent window.
-        lo = cache.compressed_upto[:, None]
-        trigger = cache.compressed_upto + policy.gen_block - 1 <= p - seq.window
-        candidate = slot_used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
-    else:  # "budget": the layer is at its budget; anything but sinks and the window may go
-        trigger = lc.length >= seq.budget[:, l]
-        candidate = slot_used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
-    weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
-    return kvc.evict(lc, weights, candidate, trigger, E)
+def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, ...]:
+    """Generation-phase eviction of every layer, before this step's token is appended anywhere.
+
+    A layer's decision depends only on its own state after the previous step, so deciding every layer up
+    front is the same as deciding each just before its append. Up front, one branch serves all layers: the
+    candidates, scores and top-k run only on steps where some layer of some sequence triggers (one step in
+    `gen_block` under the budget rule), and the GPU waits for one branch predicate per step, not one per
+    layer (measured: 32 per-layer branches left the H100 idle 0.3 ms per 7B step)."""
+    policy, seq, layers = plan.policy, cache.seq, list(cache.layers)
+    todo = [l for l in range(plan.num_layers) if policy.gen_rule != "none" and plan.evict[l]]
+    if not todo:
+        return cache.layers
+    if policy.gen_rule == "reference":  # the oldest uncut generated block has left the window: every layer
+        trigger = jnp.broadcast_to((cache.compressed_upto + policy.gen_block - 1 <= p - seq.window)[:, None],
+                                   (p.shape[0], len(todo)))
+    else:  # "budget": the layer is at its budget
+        trigger = jnp.stack([layers[l].length for l in todo], axis=1) >= seq.budget[:, np.array(todo)]
+
+    def run():
+        if policy.scorer == "window":
+            weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
+        out = []
+        for i, l in enumerate(todo):
+            lc = layers[l]
+            used = lc.pos >= 0
+            if policy.gen_rule == "reference":
+                lo = cache.compressed_upto[:, None]
+                candidate = used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
+            else:  # anything but sinks and the window may go
+                candidate = used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+            scores = (jnp.einsum("bw,bwc->bc", weights, lc.rows) if policy.scorer == "window"
+                      else lc.acc if policy.scorer == "accumulated"
+                      else lc.pos.astype(jnp.float32))  # "recency": the oldest go first
+            out.append(kvc.evict(lc, scores, candidate, trigger[:, i], plan.evict[l]))
+        return tuple(out)
+
+    def skip():
+        return tuple((layers[l].pos, layers[l].length) for l in todo)
+
+    for l, (pos, length) in zip(todo, jax.lax.cond(jnp.any(trigger), run, skip)):
+        layers[l] = layers[l].replace(pos=pos, length=length)
+    return tuple(layers)
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
@@ -178,9 +244,10 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     b = jnp.arange(B)
     p = cache.next_pos
     x = embed(params, token[:, None])
+    evicted = _evict(cache, plan, p)
     layers = []
     for l, lp in enumerate(params.layers):
-        lc = _maybe_evict(cache.layers[l], cache, l, plan, p)
+        lc = evicted[l]
         q, k, v = qkv(lp, x, p[:, None], cfg)
         slot = jnp.argmax(lc.pos < 0, axis=1)  # the first empty slot (capacities guarantee one)
         lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0]), v=lc.v.at[b, :, slot].set(v[:, 0]),
@@ -192,6 +259,8 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
             # The reused slot's column must not carry the evicted token's old attention.
             rows = lc.rows.at[b, :, slot].set(0.0)
             lc = lc.replace(rows=rows.at[b, p % plan.window].set(prob))
+        if lc.acc is not None:  # the reused slot starts from this query's attention alone
+            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0) + prob)
         x = finish_layer(lp, x, out[:, None], cfg)
         layers.append(lc)
     cache = cache.replace(layers=tuple(layers), next_pos=p + 1)

@@ -7,7 +7,7 @@ import pytest
 import jax
 
 import pyrajax
-from pyrajax.cache import PyramidConfig, make_plan
+from pyrajax.cache import FAMILIES, PyramidConfig, make_plan
 from pyrajax.eval import INSTRUCTION, NEEDLE, QUESTION, agreement, compare, needle_prompts, perplexity
 from tests.conftest import SHARED_DATA
 
@@ -41,7 +41,12 @@ def test_full_perplexity_equals_logits_loss(tiny, stream):
     assert r["kv_fraction"] == 1.0
 
 
-@pytest.mark.parametrize("policy", ["paper", TINY_BUDGET], ids=["paper", "budget"])
+FAMILY_POLICIES = [PyramidConfig(name=f, prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+                                  recent_ratio=0.1, **FAMILIES[f]) for f in FAMILIES if f != "budget"]
+
+
+@pytest.mark.parametrize("policy", ["paper", TINY_BUDGET, *FAMILY_POLICIES],
+                         ids=["paper", "budget", *(p.name for p in FAMILY_POLICIES)])
 def test_kv_bytes_are_the_plan_capacities(tiny, stream, policy):
     params, cfg = tiny
     r = perplexity(params, cfg, stream, policy, CTX, CONT, max_chunks=2, progress=False)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import pyrajax
-from pyrajax.cache import PyramidConfig, cache_preset, layer_lengths, make_plan, make_seq_plan
+from pyrajax.cache import FAMILIES, PyramidConfig, cache_preset, layer_lengths, make_plan, make_seq_plan
 from pyrajax.generate import _prefill_program, prefill
 from tests.conftest import SHARED_DATA
 
@@ -131,12 +131,34 @@ def test_budget_045_on_smollm2_at_512_plus_256(smol):
     assert fractions["paper"] < 1.0
 
 
+@pytest.mark.parametrize("L", [30, 32])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_fits_its_budget_at_512_plus_256(family, L):
+    policy = cache_preset(f"{family}-0.45")
+    plan = make_plan(policy, 512, 256, L)
+    cap = plan.capacity
+    assert sum(cap) / (L * 768) <= 0.454, sum(cap) / (L * 768)
+    assert all(a >= b for a, b in zip(cap, cap[1:])), cap
+    pre, _, _, budget = layer_lengths(policy, 512, 256, L)
+    assert all(p + policy.gen_block <= c for p, c in zip(pre, cap)) and tuple(budget) == cap
+    if policy.prune_hidden:  # every prompt token enters layer 0 and is cached there
+        assert pre[0] == 512 and cap[0] >= 512
+    else:
+        assert plan.prefill == (512,) * L  # every token runs through every layer
+        if policy.budget_profile == "uniform":
+            assert len(set(cap)) == 1
+        else:
+            assert cap[0] > cap[L // 2] > cap[-1]
+
+
 @pytest.mark.parametrize("kw,field", [
     ({"recent_ratio": 0.0}, "recent_ratio"), ({"recent_ratio": 1.5}, "recent_ratio"),
     ({"decay_ratio": 0.0}, "decay_ratio"), ({"num_sinks": -1}, "num_sinks"), ({"gen_block": 0}, "gen_block"),
     ({"min_context": -4}, "min_context"), ({"prefill_schedule": "linear"}, "prefill_schedule"),
     ({"gen_rule": "budget"}, "budget"), ({"prefill_schedule": "budget", "gen_rule": "budget", "budget": 1.5}, "budget"),
-    ({"recency_weight": (1.2, 1.0)}, "recency_weight"),
+    ({"recency_weight": (1.2, 1.0)}, "recency_weight"), ({"scorer": "random"}, "scorer"),
+    ({"budget_profile": "cosine"}, "budget_profile"), ({"pool_kernel": 4}, "pool_kernel"),
+    ({"prune_hidden": 1}, "prune_hidden"),
 ])
 def test_invalid_pyramid_config(kw, field):
     with pytest.raises(ValueError, match=f"PyramidConfig.{field}"):
@@ -148,12 +170,24 @@ def test_budget_too_small_and_unknown_preset(tiny):
     with pytest.raises(ValueError, match="budget=0.05 is too small"):
         pyrajax.generate(params, [list(range(3, 100))], pyrajax.GenerationConfig(model=cfg, max_new_tokens=20,
                                                                                   cache="budget-0.05"))
-    for bad in ["budget-abc", "pyramid", "budget-2"]:
+    for bad in ["budget-abc", "pyramid", "budget-2", "h2o", "snapkv-x", "streamingllm-0.5", "budget-0.45:scorer",
+                "budget-0.45:colour=red", "h2o-0.45:budget_profile=cosine"]:
         with pytest.raises(ValueError):
             cache_preset(bad)
 
 
-@pytest.mark.parametrize("policy", ["full", TINY_REFERENCE])
+def test_preset_overrides():
+    p = cache_preset("budget-0.45:budget_profile=uniform, recency_weight=(1.0, 1.1),scorer=accumulated")
+    assert (p.budget, p.budget_profile, p.recency_weight, p.scorer) == (0.45, "uniform", (1.0, 1.1), "accumulated")
+    assert p.prune_hidden and p.name.startswith("budget-0.45:")
+    assert cache_preset("h2o-0.3:recent_ratio=0.1").recent_ratio == 0.1
+
+
+TINY_H2O = PyramidConfig(name="tiny-h2o", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+                         recent_ratio=0.1, **FAMILIES["h2o"])
+
+
+@pytest.mark.parametrize("policy", ["full", TINY_REFERENCE, TINY_H2O])
 def test_pallas_kernels_are_drop_ins_end_to_end(tiny, policy):
     """The whole engine with impl="pallas" (Pallas interpret mode on CPU) generates what the XLA path does."""
     params, cfg = tiny

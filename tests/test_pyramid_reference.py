@@ -117,6 +117,7 @@ class Reference:
         self.span = s + max_new + 1  # length of the position-indexed attention rows
         self.kv = [None] * L  # per layer: dict(pos=[...], k=[...], v=[...]) in original order
         self.rows = [None] * L  # per layer: list of (query position, row over positions), oldest first
+        self.acc = [None] * L  # per layer, H2O scorer: {position: attention summed over every query so far}
         self.next_block = s  # reference rule: first generated position not yet cut
         self.margins: list[float] = []  # relative score gap of every selection decision
         self.logit_gaps: list[float] = []
@@ -132,44 +133,71 @@ class Reference:
         return np.linspace(self.policy.recency_weight[0], self.policy.recency_weight[1], self.W)
 
     def _record_margin(self, kept_scores, dropped_scores):
+        """Relative gap at the cut. Max-pooling (SnapKV) copies one value to its neighbours, so the cut may fall
+        inside a group of exactly equal scores: ties go to the earlier position, here and in the engine, and
+        the gap that must be clear of float noise is then the one to the nearest *different* score."""
         if len(kept_scores) and len(dropped_scores):
             a, b = min(kept_scores), max(dropped_scores)
-            self.margins.append((a - b) / max(a, 1e-300))
+            if a == b:
+                others = [v for v in list(kept_scores) + list(dropped_scores) if v != a]
+                b = min(others, key=lambda v: abs(v - a)) if others else 0.0
+            self.margins.append(abs(a - b) / max(abs(a), 1e-300))
+
+    def _prefill_scores(self, probs, pos):
+        """The policy's score of each current token (index order) after a prefill layer."""
+        pol = self.policy
+        if pol.scorer == "recency":
+            return pos.astype(np.float64)
+        if pol.scorer == "accumulated":  # H2O: head-mean attention summed over every query
+            return probs.mean(axis=0).sum(axis=0)
+        score = np.zeros(len(pos))
+        for w, (_, row) in zip(self._weights(), self.rows_now):
+            score += w * row[pos]
+        score /= self.W
+        k = pol.pool_kernel // 2  # SnapKV: max over neighbouring tokens
+        return np.array([score[max(i - k, 0):i + k + 1].max() for i in range(len(pos))])
+
+    def _select(self, score, pos, count):
+        """Indices (into the current tokens) of sinks + window + the `count` best in all, in order."""
+        pol, s, W = self.policy, self.s, self.W
+        n = len(pos)
+        forced = (pos < pol.num_sinks) | (pos >= s - W)
+        context = [i for i in range(n) if not forced[i]]
+        ranked = sorted(context, key=lambda i: -score[i])  # stable: ties go to the earlier token
+        n_ctx = count - int(forced.sum())
+        assert 0 <= n_ctx <= len(context)
+        chosen, dropped = ranked[:n_ctx], ranked[n_ctx:]
+        self._record_margin(score[chosen], score[dropped])
+        return sorted([i for i in range(n) if forced[i]] + chosen)
 
     def prefill(self) -> list[np.ndarray]:
-        """Returns the positions entering each layer (= what the engine caches at that layer)."""
+        """Returns the positions each layer caches (with prune_hidden: the positions entering it)."""
         cfg, pol, P, s, W = self.cfg, self.policy, self.P, self.s, self.W
         x = P["embed"][np.asarray(self.tokens)]
         pos = np.arange(s)
-        entered = []
+        cached = []
         for l, lp in enumerate(P["layers"]):
-            entered.append(pos.copy())
             q, k, v = project(lp, cfg, x, pos)
             out, probs = attend(cfg, q, pos, k, v, pos)
             x = finish(lp, cfg, x, out)
-            self.kv[l] = dict(pos=list(pos), k=list(k), v=list(v))
             # The window queries are the last W prompt tokens (always kept, so always the last W entries).
             n = len(pos)
-            self.rows[l] = [(int(pos[i]), self._row(probs[:, i, :], pos)) for i in range(n - W, n)]
-            if l + 1 == cfg.num_layers:
-                break
-            count = self.n_in[l + 1]
-            score = np.zeros(n)
-            for w, (_, row) in zip(self._weights(), self.rows[l]):
-                score += w * row[pos]
-            score /= W
-            forced = (pos < pol.num_sinks) | (pos >= s - W)
-            context = [i for i in range(n) if not forced[i]]
-            ranked = sorted(context, key=lambda i: -score[i])
-            n_ctx = count - int(forced.sum())
-            assert 0 <= n_ctx <= len(context)
-            chosen, dropped = ranked[:n_ctx], ranked[n_ctx:]
-            self._record_margin(score[chosen], score[dropped])
-            keep = sorted([i for i in range(n) if forced[i]] + chosen)
-            x, pos = x[keep], pos[keep]
+            self.rows_now = [(int(pos[i]), self._row(probs[:, i, :], pos)) for i in range(n - W, n)]
+            self.rows[l] = list(self.rows_now)
+            selecting = pol.prefill_schedule != "none"
+            score = self._prefill_scores(probs, pos) if selecting else None
+            keep = (self._select(score, pos, self.n_in[l]) if selecting and not pol.prune_hidden
+                    else list(range(n)))  # without hidden-state pruning, only this layer's cache is cut
+            cached.append(pos[keep])
+            self.kv[l] = dict(pos=list(pos[keep]), k=list(k[keep]), v=list(v[keep]))
+            if pol.scorer == "accumulated":
+                self.acc[l] = {int(q): a for q, a in zip(pos, probs.mean(axis=0).sum(axis=0))}
+            if pol.prune_hidden and selecting and l + 1 < cfg.num_layers:
+                keep = self._select(score, pos, self.n_in[l + 1])
+                x, pos = x[keep], pos[keep]
         logits = rms_norm(x[-1], P["final_norm"], cfg.norm_eps) @ P["lm_head"]
         self.logit_gaps.append(top2_gap(logits))
-        return entered, logits
+        return cached, logits
 
     def _buffer_scores(self, l, p):
         """Recency-weighted mean of layer l's buffered rows (queries p-W .. p-1), indexed by position."""
@@ -200,7 +228,13 @@ class Reference:
         elif pol.gen_rule == "budget" and len(held) >= self.budget[l]:
             # Neither sinks nor the W most recent positions (p-W+1 .. p, the new token included) may go.
             cand = [q for q in held if q >= pol.num_sinks and q <= p - self.W]
-            score = self._buffer_scores(l, p)
+            if pol.scorer == "window":
+                score = self._buffer_scores(l, p)
+            elif pol.scorer == "accumulated":
+                score = np.zeros(self.span)
+                score[list(self.acc[l])] = list(self.acc[l].values())
+            else:
+                score = np.arange(self.span, dtype=np.float64)
             ranked = sorted(cand, key=lambda q: score[q])
             dropped, kept = ranked[:E], ranked[E:]
             assert len(dropped) == E
@@ -222,6 +256,8 @@ class Reference:
             kv["pos"].append(p), kv["k"].append(k[0]), kv["v"].append(v[0])
             out, probs = attend(cfg, q, [p], np.stack(kv["k"]), np.stack(kv["v"]), kv["pos"])
             self.rows[l] = (self.rows[l] + [(p, self._row(probs[:, 0, :], kv["pos"]))])[-self.W:]
+            if self.acc[l] is not None:
+                self.acc[l] = {q: self.acc[l].get(q, 0.0) + a for q, a in zip(kv["pos"], probs[:, 0, :].mean(axis=0))}
             x = finish(lp, cfg, x, out)
         if cut:
             self.next_block += E
@@ -276,12 +312,18 @@ POLICIES = {
     "reference": PyramidConfig(name="t", recent_ratio=0.1, gen_block=4, decay_ratio=0.5, min_context=4),
     "budget": PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
                             recent_ratio=0.1),
+    # The same-budget baselines: no hidden-state pruning, each layer's cache cut by its own scores.
+    **{family: PyramidConfig(name=family, prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+                             recent_ratio=0.1, **kvc.FAMILIES[family])
+       for family in ("streaming", "h2o", "snapkv", "pyramidkv")},
 }
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
 # Weight seeds (prompt seed = 100 + seed) whose reference decisions are all >= MIN_MARGIN from a tie: seed 1
 # for h6kv3-L5 (a selection margin of 4e-5) and seed 2 for h4kv1-L4 (a greedy top-2 gap of 3e-6) were not.
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
+# Per policy where the model's seed gave a greedy top-2 gap below MIN_MARGIN (3.9e-5 and 1.2e-5).
+SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
@@ -289,7 +331,7 @@ SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 def test_engine_keeps_the_reference_tokens(model_name, policy_name):
     cfg = dataclasses.replace(pyrajax.preset("tiny"), **MODELS[model_name])
     policy = POLICIES[policy_name]
-    seed = SEEDS[model_name]
+    seed = SEED_FOR_POLICY.get((model_name, policy_name), SEEDS[model_name])
     params = pyrajax.random_params(jax.random.key(seed), cfg, scale=0.2)
     P = to_numpy(params)
     rng = np.random.default_rng(100 + seed)
@@ -313,6 +355,9 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
             assert np.array_equal(got[l][b], entered[l]), (
                 f"after prefill, sequence {b} (S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], entered[l])
                 + margin_note(refs[b]))
+    if not policy.prune_hidden:  # the kept tokens' accumulated scores travel with them
+        for lc in cache.layers:
+            assert (lc.acc is not None) == (policy.scorer == "accumulated")
     pruned = [l for l in range(L) for b in range(B) if len(ref_out[b][0][l]) < PROMPT_LENS[b]]
     assert pruned, "no layer was pruned in prefill: the comparison would be vacuous"
 
