@@ -171,10 +171,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--decode-capacities", type=int, nargs="+",
+                    help="only decode attention, 7B shape at batch 32, full caches of these slot counts")
     opts = ap.parse_args()
     dev = jax.devices()[0]
     rows = []
-    for case in cases(opts.small):
+    todo = ([decode_case(32, 32, 32, C, C) for C in opts.decode_capacities] if opts.decode_capacities
+            else cases(opts.small))
+    for case in todo:
         rows.append(run_case(case, opts.iters))
         print(f"done: {case['name']}", file=sys.stderr, flush=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", dev.device_kind).strip("-")
@@ -183,7 +187,7 @@ def main():
                   peak_flops=PEAK_FLOPS, iters=opts.iters, results=rows)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{device}.json"
+    path = out_dir / f"kernels-{'decode-capacity-' if opts.decode_capacities else ''}{device}.json"
     path.write_text(json.dumps(report, indent=1))
 
     print(f"\n{dev.device_kind}  jax {jax.__version__}  -> {path}")

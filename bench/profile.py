@@ -44,7 +44,7 @@ from pyrajax import cache as kvc
 from pyrajax.generate import GenerationConfig, _decode_program, _prefill_program, bucket
 
 ATTENTION = ("decode_attention.py", "_common.py")  # the kernel, its XLA epilogue / reference, their helpers
-EVICTION = ("evict", "evict.<locals>.lowest", "_maybe_evict", "recency_weights")  # scoring / picking evictions
+EVICTION = ("evict", "_evict", "_evict.<locals>.run", "recency_weights")  # scoring / picking evictions
 # Kernels that name no HLO instruction: Pallas/Triton kernels (named after the kernel function), the kernels that
 # drive a conditional inside a CUDA graph, copies.
 UNMAPPED = {"attention": "decode_attention.py:_decode_kernel (Pallas)", "cond/loop control": "(lax.cond in a CUDA graph)",
