@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", nargs="+", default=["auto"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
+    ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
     args = ap.parse_args(argv)
 
     cfg = pyrajax.preset(args.model)
@@ -112,7 +113,9 @@ def main(argv=None) -> int:
             row["fraction_of_roofline"] = row["tokens_per_second"] / row["roofline"]["tokens_per_second"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
-    result = dict(env_info(), benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
+    env = env_info()
+    env["commit"] = args.commit or env["commit"]
+    result = dict(env, benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
                   new=args.new, params_bytes=params_bytes, runs=rows)
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or Path(__file__).parent / "results") / \
         f"throughput-{args.model}-b{args.batch}-{result['device'].replace(' ', '_')}.json"
