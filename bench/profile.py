@@ -2,8 +2,7 @@
 
     python -m bench profile --model llama2-7b --runs full:1 budget-0.45:1 full:32 budget-0.45:32 [--steps 255]
 
-Each run is `cache:batch[:impl[:variant]]` (impl auto by default; variant `nocond`: an ablation that traces the
-program with `pyrajax.cache.evict` computing scores and top_k every step instead of under `lax.cond`). Random bf16 weights are built once (array by array);
+Each run is `cache:batch[:impl]` (impl auto by default). Random bf16 weights are built once (array by array);
 per run the prompt (512 tokens, `--prompt`) is prefilled and the same compiled decode loop as `generate`
 (bucket of `--new` 256 tokens) is compiled ahead of time, run untimed once, timed untraced `--repeat` times, then
 run once more under `jax.profiler.trace(..., create_perfetto_trace=True)`: only that steady-state decode call
@@ -21,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import contextlib
 import functools
 import glob
 import gzip
@@ -250,38 +248,9 @@ def timeline(events: list[dict], steps: int) -> dict:
                 gpu_span_ms_per_step=ms(span))
 
 
-# ----------------------------------------------------------------------------- variants (ablations)
-def evict_without_cond(lc, row_weights, candidate, trigger, n_evict):
-    """`pyrajax.cache.evict` with the scores and top_k computed at every step instead of under lax.cond
-    (same result: a sequence that does not trigger rewrites its slots' own positions)."""
-    scores = jnp.einsum("bw,bwc->bc", row_weights, lc.rows)
-    idx = jax.lax.top_k(jnp.where(candidate, -scores, -kvc.BIG), n_evict)[1]
-    b = jnp.arange(lc.pos.shape[0])[:, None]
-    freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
-    return lc.replace(pos=lc.pos.at[b, idx].set(freed), length=lc.length - jnp.where(trigger, n_evict, 0))
-
-
-VARIANTS = {"": None, "nocond": ("evict", evict_without_cond)}
-
-
-@contextlib.contextmanager
-def variant(name: str):
-    """Patch one function of pyrajax.cache while the decode program is traced."""
-    if not VARIANTS[name]:
-        yield
-        return
-    attr, fn = VARIANTS[name]
-    orig = getattr(kvc, attr)
-    setattr(kvc, attr, fn)
-    try:
-        yield
-    finally:
-        setattr(kvc, attr, orig)
-
-
 # ----------------------------------------------------------------------------- one run
 def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
-    cache_name, batch, impl, var = (spec.split(":") + ["", ""])[:4]
+    cache_name, batch, impl = (spec.split(":") + [""])[:3]
     batch, impl = int(batch), impl or "auto"
     gcfg = GenerationConfig(model=cfg, max_new_tokens=args.new, cache=cache_name, stop_ids=(), impl=impl)
     rng = np.random.default_rng(0)
@@ -298,15 +267,9 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
         first, cache = _prefill_program(params, tokens, seq, key, temp, top_p, **static)
         return jax.block_until_ready((first, cache))
 
-    # A variant traces a fresh function object (jax caches traces per function, so a plain re-jit would reuse
-    # the unpatched trace); functools.wraps keeps the signature for the static / donated argument names.
-    program = _decode_program if not var else jax.jit(
-        functools.wraps(_decode_program.__wrapped__)(lambda *a, **k: _decode_program.__wrapped__(*a, **k)),
-        static_argnames=tuple(static), donate_argnames=("cache",))
     t0 = time.perf_counter()
     first, cache = prefill()
-    with variant(var):
-        compiled = program.lower(params, cache, first, key, max_new, temp, top_p, stop, **static).compile()
+    compiled = _decode_program.lower(params, cache, first, key, max_new, temp, top_p, stop, **static).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     index = hlo_index(hlo)
@@ -332,7 +295,7 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
         jax.block_until_ready((out, cache))
         traced_wall = time.perf_counter() - t
     first_tokens = np.asarray(out)[0, :16].tolist()
-    row = dict(run=spec, cache=cache_name, batch=batch, impl=impl, variant=var, steps=steps, compile_seconds=compile_s,
+    row = dict(run=spec, cache=cache_name, batch=batch, impl=impl, steps=steps, compile_seconds=compile_s,
                wall_ms_per_step=1e3 * statistics.median(walls) / steps, wall_ms_per_step_runs=[
                    1e3 * w / steps for w in walls], traced_wall_ms_per_step=1e3 * traced_wall / steps,
                first_tokens=first_tokens, hlo_instructions=len(index), hlo_file=hlo_file.name if args.save_hlo else None,
@@ -388,7 +351,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
     ap.add_argument("--runs", nargs="+", default=["full:1", "budget-0.45:1", "full:32", "budget-0.45:32"],
-                    help="cache:batch[:impl[:variant]]; variant 'nocond': eviction without lax.cond")
+                    help="cache:batch[:impl]")
     ap.add_argument("--steps", type=int, default=0, help="decode steps per run (default: new - 1)")
     ap.add_argument("--repeat", type=int, default=3, help="untraced timed runs (median)")
     ap.add_argument("--save-hlo", action="store_true", help="write each run's optimized HLO (gzip) beside the JSON")
