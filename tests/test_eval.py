@@ -93,3 +93,23 @@ def test_compare():
     assert compare([1, 2, 3], [1, 2, 3]) == (1.0, None)
     assert compare([1, 2, 3, 4], [1, 5, 3, 4]) == (0.75, 1)
     assert compare([1, 2, 3], [1, 2]) == (1.0, 2)  # the shorter ended first
+
+
+def test_eval_cli_appends_policies(smol_dir, tmp_path):
+    """`pyrajax eval` end to end on the real model and a small text file: a second run with --append adds its
+    policies to the same JSON (one curve per family in the PNG)."""
+    import json
+    from pyrajax.eval import family, main
+    text = tmp_path / "text.txt"
+    text.write_text((SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:6000])
+    out = tmp_path / "eval.json"
+    common = ["--checkpoint", str(smol_dir), "--text", str(text), "--tasks", "ppl", "--context", "64",
+              "--continuation", "16", "--max-chunks", "2", "--batch", "2", "--out", str(out)]
+    assert main(common + ["--policies", "full", "h2o-0.7"]) == 0
+    assert main(common + ["--append", "--policies", "streaming-0.7:num_sinks=8"]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["results"]) == ["full", "h2o-0.7", "streaming-0.7:num_sinks=8"] and len(res["runs"]) == 2
+    assert res["results"]["streaming-0.7:num_sinks=8"]["config"]["num_sinks"] == 8
+    assert all(r["ppl"]["kv_fraction"] <= (r["config"]["budget"] or 1.0) for r in res["results"].values())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert family("streaming-0.7:num_sinks=8") == "streaming:num_sinks=8" and family("h2o-0.45") == "h2o"
