@@ -1,4 +1,5 @@
-"""KV cache as a pytree, and the cache policies (full and PyramidInfer) as data.
+"""KV cache as a pytree, and the cache policies (full, PyramidInfer and the same-engine baselines StreamingLLM,
+H2O, SnapKV, PyramidKV) as data.
 
 Layout invariants, for every layer and every sequence b:
   * after prefill, slots [0, length[b]) hold valid tokens in original order and the rest are empty (pos -1);
@@ -126,7 +127,7 @@ class PyramidConfig:
         return cls(name="full", prefill_schedule="none", gen_rule="none")
 
 
-# "<family>-F": the whole cache <= F of the full cache at 512+256, every family evicting in generation under
+# "<family>-F": the whole cache <= F of the full cache at the request's lengths, every family evicting under
 # the same budget rule, window and sinks, so comparisons are at equal memory and differ only in what is named.
 FAMILIES = {
     "budget": dict(),  # PyramidInfer: hidden-state pruning in prefill, cosine budgets, recent-window scores
