@@ -256,9 +256,10 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
         in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[1]) + 1, 0))
         out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)
         if lc.rows is not None:
-            # The reused slot's column must not carry the evicted token's old attention.
-            rows = lc.rows.at[b, :, slot].set(0.0)
-            lc = lc.replace(rows=rows.at[b, p % plan.window].set(prob))
+            # A reused slot's column still holds the evicted token's attention in older rows. It is never read:
+            # the new token stays in the window (not a candidate) for W steps, by which time every ring row
+            # has been rewritten by a query that saw it, and rows outside a sequence's window weigh 0.
+            lc = lc.replace(rows=lc.rows.at[b, p % plan.window].set(prob))
         if lc.acc is not None:  # the reused slot starts from this query's attention alone
             lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0) + prob)
         x = finish_layer(lp, x, out[:, None], cfg)
