@@ -5,8 +5,12 @@ Matrices are stored [in, out] so that `x @ w` is the forward map. Q/K projection
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -116,9 +120,65 @@ def from_tree(tree: dict, cfg: ModelConfig) -> Params:
     return params
 
 
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory in `parent` with the mode a plain mkdir gives (0o777 & ~umask).
+
+    Unlike tempfile.mkdtemp (always 0700), so that a shared checkpoint stays readable to others once renamed in.
+    """
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)  # the kernel applies the umask; no racy os.umask() read needed
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique {prefix}* directory in {parent}")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported here."""
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if fn is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):  # old kernel, fs or seccomp says no
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Put directory `new` at the existing `dst`, deleting the old one; `dst` always holds old or new."""
+    if _exchange(new, dst):
+        shutil.rmtree(new)  # `new` now names the old checkpoint
+        return
+    # Fallback: two renames, with a window where dst is missing; on failure put the old one back.
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rename(dst, old / "ckpt")
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        try:
+            os.rename(old / "ckpt", dst)
+        except OSError as e:
+            raise OSError(f"overwriting {dst} failed and the old checkpoint could not be moved back; "
+                          f"it is at {old / 'ckpt'}") from e
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old)
+
+
 def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokenizer_dir: str | Path | None = None,
                     force: bool = False) -> Path:
-    """Write a checkpoint atomically: everything goes to a temporary sibling directory, renamed at the end."""
+    """Write a checkpoint atomically: everything goes to a temporary sibling directory, swapped in at the end.
+
+    Overwriting (force=True) keeps either the old or the new complete checkpoint at `dst`, never neither: on
+    Linux the swap is one atomic renameat2(RENAME_EXCHANGE); elsewhere a failed second rename is rolled back.
+    """
     import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
@@ -126,7 +186,8 @@ def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokeni
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
     check_params(params, cfg)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    # A fresh unique name: a leftover from an interrupted earlier run cannot block the swap.
+    tmp = _mkdir_unique(dst.parent, f".{dst.name}.tmp-")
     try:
         (tmp / "config.json").write_text(cfg.to_json())
         tree = jax.tree.map(np.asarray, to_tree(params))
@@ -138,11 +199,7 @@ def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokeni
         if dst.exists():
             if not dst.is_dir():
                 raise FileExistsError(f"{dst} is a file, not a checkpoint directory; remove it or pick another path")
-            # A fresh unique name: a leftover from an interrupted earlier run cannot block the swap.
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "ckpt")
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
+            _replace_dir(tmp, dst)
         else:
             os.rename(tmp, dst)
     except BaseException:
