@@ -106,9 +106,14 @@ def decode_attention_reference(q, k, v, k_pos, q_pos, length):
     K = k.shape[1]
     s = jnp.einsum("bkgd,bkcd->bkgc", fold_heads(q, K), k, precision=precision(q.dtype),
                    preferred_element_type=jnp.float32) / math.sqrt(hd)
-    valid = _valid(k_pos, q_pos, length)[:, None, None, :]
-    m = jnp.max(jnp.where(valid, s, NEG), axis=-1, keepdims=True)
-    p = jnp.where(valid, jnp.exp(s - m), 0.0)
+    valid = _valid(k_pos, q_pos, length)
+    # Empty / evicted / future slots may hold anything, NaN included (0 * NaN = NaN), so mask the data, not
+    # only the probabilities, as the kernel does by never loading those rows: scores by `where` (a NaN key
+    # only reaches its own score), values by a `where` that XLA fuses into the einsum's operand.
+    s = jnp.where(valid[:, None, None, :], s, NEG)
+    v = jnp.where(valid[:, None, :, None], v, jnp.zeros((), v.dtype))
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m), 0.0)
     p = p * safe_inv(jnp.sum(p, axis=-1, keepdims=True))
     # p in v's dtype, as the kernel (and any flash kernel) does: bf16 x bf16 products with f32 accumulation.
     out = jnp.einsum("bkgc,bkcd->bkgd", p.astype(v.dtype), v, precision=precision(v.dtype),

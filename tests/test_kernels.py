@@ -160,12 +160,33 @@ def test_decode_attention(seed, B, H, K, C, length, hd, dtype, block_c, splits):
     valid = (jnp.arange(C)[None] < length) & (k_pos >= 0) & (k_pos <= q_pos[:, None])
     poison = lambda x: jnp.where(valid[:, None, :, None], x, jnp.nan)
     args = (args[0], poison(args[1]), poison(args[2]), *args[3:])
-    out, prob = decode_attention(*args, impl="pallas", interpret=True, block_c=block_c, num_splits=splits)
-    assert out.shape == (B, H, hd) and out.dtype == dtype and prob.shape == (B, C) and prob.dtype == F32
-    assert_close(out, want_out, dtype)
-    assert_close(prob, want_prob, dtype)
-    assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
-    np.testing.assert_allclose(prob.sum(1), valid.any(1).astype(F32), rtol=1e-5)
+    # All three paths see the poisoned cache and must agree with the clean reference.
+    for out, prob in (decode_attention(*args, impl="pallas", interpret=True, block_c=block_c, num_splits=splits),
+                      decode_attention(*args, impl="xla"), decode_attention_reference(*args)):
+        assert out.shape == (B, H, hd) and out.dtype == dtype and prob.shape == (B, C) and prob.dtype == F32
+        assert_close(out, want_out, dtype)
+        assert_close(prob, want_prob, dtype)
+        assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
+        np.testing.assert_allclose(prob.sum(1), valid.any(1).astype(F32), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_nan_in_evicted_slot(impl):
+    """NaN/Inf left in an evicted slot (pos -1) of k and v: the output equals that with zeros there (a
+    regression: the XLA path used to mask only the probabilities, and 0 * NaN = NaN)."""
+    B, H, K, C, hd, length = 1, 4, 2, 32, 16, 20
+    kq, kk, kv = keys(15, 3)
+    q, k, v = (jax.random.normal(kq, (B, H, hd)), jax.random.normal(kk, (B, K, C, hd)),
+               jax.random.normal(kv, (B, K, C, hd)))
+    pos = jnp.where(jnp.arange(C) < length, jnp.arange(C), -1)[None].astype(jnp.int32).at[0, 5].set(-1)
+    run = lambda k, v: decode_attention(q, k, v, pos, jnp.array([length], jnp.int32), jnp.int32(length),
+                                        impl=impl, interpret=True, block_c=16)
+    want = run(k.at[0, :, 5].set(0.0), v.at[0, :, 5].set(0.0))
+    for bad in (jnp.nan, jnp.inf):
+        got = run(k.at[0, :, 5].set(bad), v.at[0, :, 5].set(bad))
+        for g, w in zip(got, want):
+            assert np.isfinite(np.asarray(g)).all()
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_decode_length_is_dynamic():
