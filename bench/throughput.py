@@ -7,14 +7,24 @@ batch x new tokens. The first call of each policy compiles (reported as compile 
 timings); the next `--repeat` calls are timed and the median reported. Throughput counts generated tokens over
 wall time including prefill. The roofline of a decode step reads every weight and every live KV byte once at
 3.0 TB/s; prefill at the measured 798 TFLOP/s bf16 matmul rate (SPEC section 3).
+
+Peak memory (`peak_bytes_in_use` of device.memory_stats(); None where the backend keeps no stats, e.g. CPU)
+is a process-lifetime high-water mark that cannot be reset. So when more than one (cache, impl) run is asked
+for, each runs in a fresh subprocess of this script (same workload arguments, a single --cache and --impl, its
+JSON to a temporary --out) and the parent, which never touches the device itself, merges their `runs` into
+one JSON of the same structure; every run records the `pid` that measured it. Each subprocess creates its own
+weights and compiles afresh (compile seconds stay per run, as before). A single run stays in-process.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +36,7 @@ import numpy as np
 import pyrajax
 from pyrajax.generate import GenerationConfig, generate
 
+REPO = Path(__file__).resolve().parents[1]
 COPY_BW = 3.0e12
 MATMUL_FLOPS = 798e12
 
@@ -78,7 +89,7 @@ def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: in
                 kv_bytes=s["kv_bytes"], full_kv_bytes=s["full_kv_bytes"], kv_fraction=s["kv_fraction"],
                 live_kv_bytes_at_end=s["live_kv_bytes"], capacity_per_layer=s["capacity_per_layer"],
                 lengths_after_prefill=s["lengths_after_prefill"][0], lengths_at_end=s["lengths_at_end"][0],
-                peak_memory_bytes=peak_memory(), first_tokens=r.tokens[0][:8], _stats=s)
+                peak_memory_bytes=peak_memory(), pid=os.getpid(), first_tokens=r.tokens[0][:8], _stats=s)
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
@@ -89,16 +100,8 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new", type=int, default=256)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workload_args(ap)
-    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
-    ap.add_argument("--impl", nargs="+", default=["auto"])
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
-    ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
-    args = ap.parse_args(argv)
-
+def run_in_process(args) -> dict:
+    """Every (cache, impl) run of `args` in this process: the result JSON (env, workload, runs)."""
     cfg = pyrajax.preset(args.model)
     # Created array by array on the device: one jitted program for all weights compiles for minutes.
     params = pyrajax.random_params(jax.random.key(0), cfg, jnp.bfloat16)
@@ -115,15 +118,48 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
     env = env_info()
     env["commit"] = args.commit or env["commit"]
-    result = dict(env, benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
-                  new=args.new, params_bytes=params_bytes, runs=rows)
+    return dict(env, benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
+                new=args.new, params_bytes=params_bytes, runs=rows)
+
+
+def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
+    """Each (cache, impl) in its own child process, so that each peak memory is that run's alone; the
+    children's JSONs merged. The parent does not initialise the device (it would hold memory the children
+    need, e.g. XLA's GPU preallocation), so env and params_bytes come from the children."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        for i, (cache, impl) in enumerate(runs):
+            out = Path(tmp) / f"run{i}.json"
+            cmd = [sys.executable, "-m", "bench.throughput", "--model", args.model, "--batch", str(args.batch),
+                   "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat),
+                   "--cache", cache, "--impl", impl, "--out", str(out)]
+            if args.commit:
+                cmd += ["--commit", args.commit]
+            subprocess.run(cmd, check=True, cwd=REPO)
+            results.append(json.loads(out.read_text()))
+    merged = results[0]
+    merged["runs"] = [row for res in results for row in res["runs"]]
+    return merged
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(ap)
+    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
+    ap.add_argument("--impl", nargs="+", default=["auto"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
+    ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
+    args = ap.parse_args(argv)
+    runs = list(itertools.product(args.cache, args.impl))
+    result = run_in_process(args) if len(runs) == 1 else run_in_subprocesses(args, runs)
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or Path(__file__).parent / "results") / \
         f"throughput-{args.model}-b{args.batch}-{result['device'].replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{'cache':>12} {'impl':>6} {'tok/s':>8} {'prefill s':>9} {'ms/step':>8} {'KV GiB':>7} {'KV %':>6} "
           f"{'roofline':>8} {'compile s':>9} {'peak GiB':>8}")
-    for r in rows:
+    for r in result["runs"]:
         peak = r["peak_memory_bytes"] or 0
         print(f"{r['cache']:>12} {r['impl']:>6} {r['tokens_per_second']:>8.0f} {r['prefill_seconds']:>9.3f} "
               f"{r['decode_ms_per_step']:>8.2f} {r['kv_bytes'] / 2**30:>7.2f} {r['kv_fraction']:>6.1%} "
