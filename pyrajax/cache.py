@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import re
 
@@ -28,7 +29,7 @@ from jaxtyping import Array, Float, Int
 
 from pyrajax.config import ModelConfig
 
-BIG = 3e38  # priority of tokens that must be kept (sinks, window) and of empty slots during eviction
+BIG = 3e38  # selection priority of tokens that must be kept (sinks, window)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,6 +56,12 @@ class PyramidConfig:
         attention summed over every query so far (H2O's heavy hitters); "recency": its position (StreamingLLM:
         sinks + the most recent tokens). Every scorer averages over heads: one index set per layer serves
         every KV head, so one gather moves a layer's keys and values.
+    budget: a float in (0, 1] is a fraction of the full cache at the request's lengths (prompt + new tokens);
+        an int >= 16 is a token budget: the layers share budget * num_layers tokens.
+    min_tokens: the floor. No layer's cache is cut below it, and a request whose prompt + new tokens fit
+        under it is not compressed at all (0 = off). A token budget below the floor lowers it to the budget.
+    max_window: at most this many recent tokens form the window (None: no cap for fraction budgets, a quarter
+        of the mean layer budget for token budgets, so a long prompt's window cannot eat the budget).
     """
     name: str = "custom"
     recent_ratio: float = 0.2
@@ -66,7 +73,9 @@ class PyramidConfig:
     gen_rule: str = "reference"
     gen_block: int = 16
     gen_decay: float = 0.9
-    budget: float | None = None
+    budget: float | int | None = None
+    min_tokens: int = 256
+    max_window: int | None = None
     prune_hidden: bool = True
     budget_profile: str = "pyramid"
     scorer: str = "window"
@@ -104,9 +113,47 @@ class PyramidConfig:
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
         need((self.budget is not None) == is_budget, "budget",
              "must be set exactly when prefill_schedule or gen_rule is 'budget'")
+        # Budget eviction starts from a cache that prefill filled to one block below the budget; any other
+        # prefill schedule can leave more prompt tokens in a layer than its budget has slots.
+        need(self.gen_rule != "budget" or self.prefill_schedule == "budget", "gen_rule",
+             "'budget' needs prefill_schedule='budget' (another prefill schedule can cache more prompt tokens "
+             "than the layer's budget)")
         if self.budget is not None:
-            need(0 < self.budget <= 1, "budget", "must lie in (0, 1] (a fraction of the full cache)")
+            need(not isinstance(self.budget, bool) and isinstance(self.budget, (int, float)), "budget",
+                 "must be a fraction in (0, 1] (a float) or a token budget (an int >= 16)")
+            if isinstance(self.budget, float):
+                need(0 < self.budget <= 1, "budget", "must lie in (0, 1] when a fraction (a float)")
+            else:
+                need(self.budget >= 16, "budget", "must be >= 16 when a token budget (an int); for a fraction "
+                                                  "write it with a decimal point, e.g. 1.0")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an int >= 0")
+        need(self.max_window is None or (isinstance(self.max_window, int) and self.max_window >= 1),
+             "max_window", "must be None or an int >= 1")
+        if self.budget is not None and not self.budget_is_fraction:
+            least = self.num_sinks + self.window_cap + 2 * self.gen_block
+            need(self.budget >= least, "budget",
+                 f"a token budget must hold sinks ({self.num_sinks}) + window (up to {self.window_cap}) + two "
+                 f"eviction blocks ({2 * self.gen_block}): use a budget >= {least}, or fewer sinks, a smaller "
+                 "max_window or gen_block")
         object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
+
+    @property
+    def budget_is_fraction(self) -> bool:
+        return isinstance(self.budget, float)
+
+    @property
+    def floor_tokens(self) -> int:
+        """The floor in effect: min_tokens, lowered to a token budget below it."""
+        if self.budget is not None and not self.budget_is_fraction:
+            return min(self.min_tokens, self.budget)
+        return self.min_tokens
+
+    @property
+    def window_cap(self) -> int:
+        """Most tokens the recent window may hold (0 = no cap)."""
+        if self.max_window is not None:
+            return self.max_window
+        return max(1, self.budget // 4) if self.budget is not None and not self.budget_is_fraction else 0
 
     @property
     def selects_in_prefill(self) -> bool:
@@ -127,8 +174,9 @@ class PyramidConfig:
         return cls(name="full", prefill_schedule="none", gen_rule="none")
 
 
-# "<family>-F": the whole cache <= F of the full cache at the request's lengths, every family evicting under
-# the same budget rule, window and sinks, so comparisons are at equal memory and differ only in what is named.
+# "<family>-<B>": every family evicting under the same budget rule (a fraction of the full cache at the
+# request's lengths, or tokens per layer), window, sinks and floor, so comparisons are at equal memory and
+# differ only in what is named.
 FAMILIES = {
     "budget": dict(),  # PyramidInfer: hidden-state pruning in prefill, cosine budgets, recent-window scores
     "streaming": dict(prune_hidden=False, budget_profile="uniform", scorer="recency"),  # StreamingLLM
@@ -139,9 +187,10 @@ FAMILIES = {
 
 
 def cache_preset(name: str) -> PyramidConfig:
-    """Named policies: "full", "paper" (the reference settings), "budget-F" (PyramidInfer, whole cache <= F of
-    full) and the same-budget baselines "streaming-F", "h2o-F", "snapkv-F", "pyramidkv-F"; any of them with
-    field overrides after a colon, e.g. "budget-0.45:budget_profile=uniform,recent_ratio=0.1"."""
+    """Named policies: "full", "paper" (the reference settings), "budget-B" (PyramidInfer) and the same-budget
+    baselines "streaming-B", "h2o-B", "snapkv-B", "pyramidkv-B", where B is a fraction of the full cache
+    ("0.45") or a token budget per layer ("512"); any of them with field overrides after a colon, e.g.
+    "budget-0.45:budget_profile=uniform,recent_ratio=0.1" or "h2o-512:min_tokens=0"."""
     base, colon, overrides = name.partition(":")
     policy = _named(base)
     if colon:
@@ -154,17 +203,17 @@ def _named(name: str) -> PyramidConfig:
         return PyramidConfig.full()
     if name == "paper":
         return PyramidConfig(name="paper")
-    family, _, frac = name.rpartition("-")
+    family, _, amount = name.rpartition("-")
     if family in FAMILIES:
-        try:
-            budget = float(frac)
-        except ValueError:
-            budget = None
+        # "0.45" (a decimal point) is a fraction of the full cache, "512" (digits only) a token budget.
+        budget = (float(amount) if re.fullmatch(r"\d*\.\d+|\d+\.\d*", amount)
+                  else int(amount) if amount.isdigit() else None)
         if budget is not None:
             return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=budget,
                                  **FAMILIES[family])
-    raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or '<family>-F' with family one of "
-                     f"{', '.join(FAMILIES)} and F in (0, 1] (e.g. 'budget-0.45'), optionally followed by "
+    raise ValueError(f"unknown cache preset {name!r}; use 'full', 'paper' or '<family>-<B>' with family one of "
+                     f"{', '.join(FAMILIES)} and B a fraction of the full cache in (0, 1] (e.g. 'budget-0.45') "
+                     "or a token budget per layer >= 16 (e.g. 'budget-512'), optionally followed by "
                      "':field=value,...', or pass a PyramidConfig")
 
 
@@ -187,7 +236,8 @@ def _parse_overrides(text: str, spec: str) -> dict:
 # Static per-layer lengths (pure Python: they depend only on lengths and the policy, never on attention)
 
 def window_size(policy: PyramidConfig, prompt_len: int) -> int:
-    return min(prompt_len, 1 + math.floor(policy.recent_ratio * prompt_len))
+    """W = 1 + floor(recent_ratio * S), at most the prompt and at most the policy's window cap."""
+    return min(prompt_len, 1 + math.floor(policy.recent_ratio * prompt_len), policy.window_cap or prompt_len)
 
 
 def gen_keep_counts(policy: PyramidConfig, num_layers: int) -> list[int]:
@@ -196,31 +246,37 @@ def gen_keep_counts(policy: PyramidConfig, num_layers: int) -> list[int]:
     return [max(math.floor(policy.gen_block * policy.gen_decay * gl), 1) for gl in g]
 
 
-def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> list[int]:
-    """Per-layer budgets (tokens) whose sum is <= budget * L * (S + T), never growing with depth.
+def smallest_cache(policy: PyramidConfig, prompt_len: int) -> int:
+    """The fewest slots a compressed layer may have: sinks + window + two eviction blocks (so an eviction always
+    finds `gen_block` candidates outside sinks and window), and never below the floor."""
+    need = policy.num_sinks + window_size(policy, prompt_len) + 2 * policy.gen_block
+    return max(need, policy.floor_tokens)
 
-    With `prune_hidden`, layer 0 holds the whole prompt plus one block (every prompt token enters layer 0).
-    The other layers share the rest by `budget_profile`, each at least the smallest workable size (sinks +
-    window + two blocks): "pyramid" falls along a cosine, "linear" along a line (both symmetric about the
-    mean), "uniform" is flat."""
+
+def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> list[int]:
+    """Per-layer budgets (tokens) of one request, never growing with depth.
+
+    A fraction budget F shares F * L * (S + T) tokens over the layers, a token budget B shares B * L. With
+    `prune_hidden`, layer 0 holds the whole prompt plus one block (every prompt token enters layer 0). The
+    other layers share the rest by `budget_profile` ("pyramid" falls along a cosine, "linear" along a line,
+    both symmetric about the mean; "uniform" is flat). No layer gets less than `smallest_cache` (sinks, window,
+    two blocks, the floor) or more than the request needs; a request that fits under that minimum is not
+    compressed at all. So the budget is a ceiling that short requests may exceed: the measured KV says by how
+    much."""
     S, T, L, E = prompt_len, max_new, num_layers, policy.gen_block
     full = S + T
-    lo = min(full, policy.num_sinks + window_size(policy, S) + 2 * E)
-    fixed = [min(full, S + E)] if policy.prune_hidden else []
+    lo = smallest_cache(policy, S)
+    if full <= lo:
+        return [full] * L
+    # Layer 0's size does not depend on T (S + E even when T < E), so deeper budgets never shrink as T grows.
+    fixed = [max(lo, S + E)] if policy.prune_hidden else []
     n = L - len(fixed)
-    total = math.floor(policy.budget * L * full)
-    mean = (total - sum(fixed)) / max(n, 1)
-    if n and mean < lo:
-        need = (lo * n + sum(fixed)) / (L * full)
-        raise ValueError(
-            f"PyramidConfig.budget={policy.budget} is too small for a {S}-token prompt + {T} new tokens over "
-            f"{L} layers: each layer needs at least sinks + window + 2 blocks = {lo} tokens"
-            f"{' and layer 0 the whole prompt' if fixed else ''}; use a budget >= {need:.3f} or a smaller "
-            "recent_ratio / gen_block")
+    total = math.floor(policy.budget * L * full) if policy.budget_is_fraction else policy.budget * L
+    mean = max((total - sum(fixed)) / max(n, 1), lo)
     shape = {"pyramid": lambda i: (math.cos(math.pi * i / max(n - 1, 1)) + 1) / 2,
              "linear": lambda i: 1 - i / max(n - 1, 1),
              "uniform": lambda i: 0.5}[policy.budget_profile]
-    caps = list(fixed)
+    caps = [min(c, full) for c in fixed]
     for i in range(n):
         c = min(full, math.floor(lo + 2 * (mean - lo) * shape(i)))
         c = max(lo, c - c % policy.length_bucket)  # bucketed lengths; rounding down keeps within budget
@@ -228,23 +284,11 @@ def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_
     return caps
 
 
-def prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: int,
-                    caps: list[int] | None = None) -> list[int]:
-    """How many prompt tokens each layer caches after prefill. With `prune_hidden` these are also the tokens
-    entering the layer; without it every layer sees the whole prompt and only its cache is cut."""
-    S, L = prompt_len, num_layers
-    if policy.prefill_schedule == "none":
-        return [S] * L
+def cosine_prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: int) -> list[int]:
+    """The reference's compounding schedule: tokens entering each layer (the context outside the window
+    shrinks by s_l per layer, until a cut would reach min(min_context, S - 1 - W); then it stops for good)."""
+    S, L, r = prompt_len, num_layers, policy.decay_ratio
     W = window_size(policy, S)
-    if policy.prefill_schedule == "budget":  # one block of room left for generation before the first eviction
-        if not policy.prune_hidden:
-            return [min(S, c - policy.gen_block) for c in caps]
-        out = [S]
-        for l in range(1, L):
-            out.append(min(out[-1], caps[l] - policy.gen_block))
-        return out
-    # "cosine": the reference's compounding schedule over the context (tokens outside the window).
-    r = policy.decay_ratio
     ctx, stopped, out = S - W, False, [S]
     for l in range(L - 1):
         if l >= 1 and not stopped:
@@ -257,18 +301,33 @@ def prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: int,
     return out
 
 
+def budget_prefill_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, caps: list[int]) -> list[int]:
+    """Prompt tokens each layer caches after prefill under budgets `caps`: everything where the whole request
+    fits, else one block of room below the budget for generation before the first eviction. With
+    `prune_hidden` these are the tokens entering the layer, so they never grow with depth."""
+    S, E = prompt_len, policy.gen_block
+    own = [S if c >= S + max_new else min(S, c - E) for c in caps]
+    if not policy.prune_hidden:
+        return own
+    out = [S]
+    for n in own[1:]:
+        out.append(min(out[-1], n))
+    return out
+
+
 def reference_capacity(n_prefill: int, prompt_len: int, max_new: int, window: int, block: int, keep: int) -> int:
-    """Largest length a layer reaches under the reference generation rule (simulated step by step, in the
-    same order as `decode_step`: evict, then append)."""
-    length, upto, best = n_prefill, prompt_len, n_prefill
-    for t in range(max_new):
-        p = prompt_len + t
-        if upto + block - 1 <= p - window:
-            length -= block - keep
-            upto += block
-        length += 1
-        best = max(best, length)
-    return best
+    """Largest length a layer reaches under the reference generation rule, in the order of `decode_step`
+    (evict, then append), in closed form. After step t (0-based) the layer holds n + t + 1 - d * c(t) tokens,
+    d = block - keep tokens cut per event and c(t) = max(0, (t - window + 1) // block) events so far. Each
+    block adds block - d >= 1 tokens net, so the maximum is at the last step or just before the last cut."""
+    T, W, E, d = max_new, window, block, block - keep
+    if T <= 0:
+        return n_prefill
+    cuts = max(0, (T - W) // E)  # c(T - 1)
+    best = T - d * cuts  # after the last step
+    if cuts:  # just before the last cut, at step t_K - 1 with t_K = W + cuts * E - 1
+        best = max(best, W + cuts * E - 1 - d * (cuts - 1))
+    return n_prefill + best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,13 +347,20 @@ class CachePlan:
 
 
 def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int):
-    """(prefill lengths, capacities, evictions per event, budgets) for one prompt length."""
+    """(prefill lengths, capacities, evictions per event, budgets) for one request."""
     L = num_layers
-    caps = budget_capacities(policy, prompt_len, max_new, L) if policy.budget is not None else None
-    pre = prefill_lengths(policy, prompt_len, L, caps)
+    if policy.prefill_schedule == "budget" or policy.gen_rule == "budget":
+        caps = budget_capacities(policy, prompt_len, max_new, L)
+    if policy.prefill_schedule == "none":
+        pre = [prompt_len] * L
+    elif policy.prefill_schedule == "cosine":
+        pre = cosine_prefill_lengths(policy, prompt_len, L)
+    else:
+        pre = budget_prefill_lengths(policy, prompt_len, max_new, caps)
     if policy.gen_rule == "none":
-        return pre, [n + max_new for n in pre], [0] * L, [n + max_new for n in pre]
-    if policy.gen_rule == "budget":
+        cap = [n + max_new for n in pre]
+        return pre, cap, [0] * L, cap
+    if policy.gen_rule == "budget":  # (validation ensures prefill_schedule "budget": pre fits under caps)
         return pre, caps, [policy.gen_block] * L, caps
     W = window_size(policy, prompt_len)
     keep = gen_keep_counts(policy, L)
@@ -302,8 +368,43 @@ def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_laye
     return pre, cap, [policy.gen_block - k for k in keep], cap
 
 
-def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int) -> CachePlan:
-    pre, cap, evict, _ = layer_lengths(policy, prompt_bucket, new_bucket, num_layers)
+def compresses(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> bool:
+    """Whether the policy drops anything from this request: in prefill, or in generation."""
+    pre, cap, _, _ = layer_lengths(policy, prompt_len, max_new, num_layers)
+    if any(n < prompt_len for n in pre):
+        return True
+    if policy.gen_rule == "budget":
+        return any(c < prompt_len + max_new for c in cap)
+    if policy.gen_rule == "reference":  # the first cut comes once a whole generated block has left the window
+        first_cut_step = window_size(policy, prompt_len) + policy.gen_block - 1
+        return max_new > first_cut_step and min(gen_keep_counts(policy, num_layers)) < policy.gen_block
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_lengths(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int):
+    """Per layer, the most prefill tokens and slots that any prompt of 1..prompt_bucket tokens needs with
+    new_bucket new tokens. (Not just the bucket's own length: with the reference schedule's early stop a
+    shorter prompt can keep more tokens in deep layers than a longer one.)"""
+    pre = [0] * num_layers
+    cap = [0] * num_layers
+    for s in range(1, prompt_bucket + 1):
+        p, c, evict, _ = layer_lengths(policy, s, new_bucket, num_layers)
+        pre = [max(a, b) for a, b in zip(pre, p)]
+        cap = [max(a, b) for a, b in zip(cap, c)]
+    return pre, cap, evict
+
+
+def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int,
+              requests: tuple[tuple[int, int], ...] = ()) -> CachePlan:
+    """The static shapes of a bucket: every layer has room for any prompt of up to `prompt_bucket` tokens with
+    `new_bucket` new tokens, and for each (prompt length, new tokens) in `requests` (requests with fewer new
+    tokens than the bucket can need other per-layer budgets; they almost never enlarge the plan)."""
+    pre, cap, evict = _bucket_lengths(policy, prompt_bucket, new_bucket, num_layers)
+    for s, t in requests:
+        p, c, _, _ = layer_lengths(policy, s, t, num_layers)
+        pre = [max(a, b) for a, b in zip(pre, p)]
+        cap = [max(a, b) for a, b in zip(cap, c)]
     step = policy.prefill_bucket
     slots = ([min(prompt_bucket, -(-n // step) * step) for n in pre] if policy.prune_hidden
              else [prompt_bucket] * num_layers)
@@ -322,12 +423,17 @@ class SeqPlan:
     budget: Int[Array, "B L"]
 
 
-def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int) -> SeqPlan:
+def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[int]) -> SeqPlan:
+    """The per-sequence schedules of a batch (`max_new`: one count for all, or one per sequence)."""
+    news = [max_new] * len(prompt_lens) if isinstance(max_new, int) else list(max_new)
     rows = []
-    for s in prompt_lens:
-        pre, cap, _, budget = layer_lengths(plan.policy, s, max_new, plan.num_layers)
-        if any(p > P for p, P in zip(pre, plan.prefill)) or any(c > C for c, C in zip(cap, plan.capacity)):
-            raise AssertionError(f"a {s}-token prompt needs more slots than its bucket plan {plan}")
+    for i, (s, t) in enumerate(zip(prompt_lens, news)):
+        pre, cap, _, budget = layer_lengths(plan.policy, s, t, plan.num_layers)
+        if (s > plan.prompt_bucket or t > plan.new_bucket or any(p > P for p, P in zip(pre, plan.prefill))
+                or any(c > C for c, C in zip(cap, plan.capacity))):
+            raise ValueError(f"request {i} ({s}-token prompt + {t} new tokens) does not fit the plan of its bucket "
+                             f"({plan.prompt_bucket} + {plan.new_bucket}); build the plan with "
+                             "make_plan(..., requests=...) covering it")
         rows.append((s, window_size(plan.policy, s), pre, budget))
     return SeqPlan(prompt_len=np.array([r[0] for r in rows], np.int32), window=np.array([r[1] for r in rows], np.int32),
                    keep=np.array([r[2] for r in rows], np.int32), budget=np.array([r[3] for r in rows], np.int32))
@@ -404,8 +510,10 @@ def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, tri
     """Free the `n_evict` lowest-scored candidate slots of every triggered sequence: returns the layer's new
     (pos, length). Nothing moves: the slots are marked empty (pos -1) and the next tokens are written into
     them, so an eviction costs a top-k over the slot scores and a few scalar writes, never a pass over the
-    keys and values. Non-candidates (sinks, window, protected blocks, empty slots) always stay."""
-    idx = jax.lax.top_k(jnp.where(candidate, -scores, -BIG), n_evict)[1]  # top_k takes the largest
+    keys and values. Non-candidates (sinks, window, protected tokens, empty slots) always stay: where a
+    sequence has fewer candidates than `n_evict`, only its candidates go, and its length counts what went."""
+    idx = jax.lax.top_k(jnp.where(candidate, -scores, -jnp.inf), n_evict)[1]  # top_k takes the largest
     b = jnp.arange(lc.pos.shape[0])[:, None]
-    freed = jnp.where(trigger[:, None], -1, lc.pos[b, idx])
-    return lc.pos.at[b, idx].set(freed), lc.length - jnp.where(trigger, n_evict, 0)
+    gone = trigger[:, None] & jnp.take_along_axis(candidate, idx, axis=1)
+    return (lc.pos.at[b, idx].set(jnp.where(gone, -1, lc.pos[b, idx])),
+            lc.length - jnp.sum(gone, axis=1, dtype=lc.length.dtype))

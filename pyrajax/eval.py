@@ -2,10 +2,12 @@
 
     pyrajax eval --policies full paper budget-0.45 --tasks ppl needle agree --max-chunks 8
 
-* Perplexity: the text is cut into chunks of context + continuation tokens. The context is prefilled under the
-  policy (pruning included); the continuation is then teacher-forced through `decode_step` with the policy
-  active (its evictions included), and only the continuation tokens are scored. The first continuation token's
-  loss comes from the prefill logits, so every scored token was predicted from the policy's cache.
+* Perplexity: the text is cut into chunks of context + continuation tokens. All but the last context token are
+  prefilled under the policy (pruning included); from the last context token on, tokens are teacher-forced
+  through `decode_step` with the policy active (its evictions included), and only the continuation tokens are
+  scored. So every scored token, the first one included, is predicted by a query that attends only to what the
+  policy cached (a prefill's own last token would still see the whole prompt under policies that cut a layer's
+  cache after computing it).
 * Needle: a passkey sentence is hidden at a given depth of Paul Graham essays trimmed to a token length; the
   model is asked for it in its chat template and answers greedily. Correct = the digits appear in the answer.
 * Agreement: how many of the first n greedy tokens equal the full cache's, and where they first diverge.
@@ -53,9 +55,8 @@ def _nll(logits, target):
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"))
-def _prefill_nll(params, tokens, seq, target, *, plan, cfg, impl):
-    logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
-    return _nll(logits, target), cache
+def _prefill_cache(params, tokens, seq, *, plan, cfg, impl):
+    return prefill(params, tokens, seq, plan, cfg, impl)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))
@@ -85,31 +86,36 @@ def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of {size}")
     chunks = np.stack([ids[s:s + size] for s in starts])
     B = min(batch_size, len(chunks))  # every batch is padded to B rows: one prefill and one decode program
-    S, T = bucket(context, 16), bucket(continuation, 16)
-    plan = kvc.make_plan(policy, S, T, cfg.num_layers)
-    seq = kvc.make_seq_plan(plan, [context] * B, continuation)
+    # Prefill context - 1 tokens, then force continuation + 1 (the last context token first). The full cache's
+    # lengths are context + continuation either way, so budgets mean the same as for a 512 + 256 request.
+    prompt, forced = context - 1, continuation + 1
+    if prompt < 1:
+        raise ValueError("context must be >= 2 (one prefilled token, then the last context token is forced)")
+    S = bucket(prompt, 16)
+    plan = kvc.make_plan(policy, S, forced, cfg.num_layers, requests=((prompt, forced),))
+    seq = kvc.make_seq_plan(plan, [prompt] * B, forced)
     nlls, lengths = [], []
     for i in tqdm(range(0, len(chunks), B), desc=f"ppl {policy.name}", disable=not progress):
         batch = chunks[i:i + B]
         n = len(batch)
         batch = np.concatenate([batch, np.repeat(batch[:1], B - n, axis=0)])  # filler rows, dropped
         tokens = np.full((B, S), cfg.pad_id, np.int32)
-        tokens[:, :context] = batch[:, :context]
-        first, cache = _prefill_nll(params, tokens, seq, batch[:, context], plan=plan, cfg=cfg, impl=impl)
+        tokens[:, :prompt] = batch[:, :prompt]
+        cache = _prefill_cache(params, tokens, seq, plan=plan, cfg=cfg, impl=impl)
         per_layer = kvc.kv_bytes(cache)  # before the cache is donated
         itemsize = cache.layers[0].k.dtype.itemsize
-        rest, cache = _forced_nll(params, cache, batch[:, context:-1], batch[:, context + 1:], plan=plan, cfg=cfg,
-                                impl=impl)
-        nlls.append(np.concatenate([np.asarray(first)[:, None], np.asarray(rest)], axis=1)[:n])
+        nll, cache = _forced_nll(params, cache, batch[:, prompt:-1], batch[:, context:], plan=plan, cfg=cfg,
+                                 impl=impl)
+        nlls.append(np.asarray(nll)[:n])
         lengths.append(np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n])
     nll = np.concatenate(nlls).astype(np.float64)
     per_token = cfg.kv_bytes_per_token_layer(itemsize)
-    full = cfg.num_layers * (S + T) * per_token  # per sequence, same buckets
-    live = np.concatenate(lengths).sum(axis=1) / (cfg.num_layers * (size - 1))
+    full = cfg.num_layers * (S + forced) * per_token  # per sequence, same slots
+    live = np.concatenate(lengths).sum(axis=1) / (cfg.num_layers * size)
     return dict(policy=policy.name, ppl=float(np.exp(nll.mean())), nll=float(nll.mean()),
                 chunk_nll=nll.mean(axis=1).tolist(), chunk_starts=starts, n_chunks=len(starts),
                 scored_tokens=int(nll.size), context=context, continuation=continuation,
-                prompt_bucket=S, new_bucket=T, batch=B, capacity_per_layer=list(plan.capacity),
+                prompt_bucket=S, new_bucket=forced, batch=B, capacity_per_layer=list(plan.capacity),
                 kv_bytes=sum(per_layer) // B, kv_bytes_per_layer=[b // B for b in per_layer],
                 full_kv_bytes=full, kv_fraction=sum(per_layer) / B / full,
                 live_kv_fraction=float(live.mean()))

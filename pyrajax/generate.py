@@ -16,6 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    from jax.extend.random import threefry2x32_p
+except ImportError:  # older layouts of jax.extend
+    from jax._src.prng import threefry2x32_p
+
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gather import pivotal_gather
 from pallas_kernels.score_reduction import score_reduction, window_rows
@@ -49,6 +54,11 @@ class GenerationConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.top_k > self.model.vocab_size:
+            raise ValueError(f"top_k={self.top_k} exceeds the vocabulary ({self.model.vocab_size} tokens); use "
+                             f"top_k <= {self.model.vocab_size}, or 0 for no top-k filter")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.impl not in ("auto", "pallas", "xla"):
@@ -249,9 +259,14 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     for l, lp in enumerate(params.layers):
         lc = evicted[l]
         q, k, v = qkv(lp, x, p[:, None], cfg)
-        slot = jnp.argmax(lc.pos < 0, axis=1)  # the first empty slot (capacities guarantee one)
-        lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0]), v=lc.v.at[b, :, slot].set(v[:, 0]),
-                        pos=lc.pos.at[b, slot].set(p), length=lc.length + 1)
+        # The first empty slot. Capacities guarantee one; were there none, the write is dropped (slot index out
+        # of range) rather than landing on slot 0, a sink.
+        slot = jnp.argmax(lc.pos < 0, axis=1)
+        room = lc.pos[b, slot] < 0
+        slot = jnp.where(room, slot, lc.pos.shape[1])
+        lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0], mode="drop"),
+                        v=lc.v.at[b, :, slot].set(v[:, 0], mode="drop"),
+                        pos=lc.pos.at[b, slot].set(p, mode="drop"), length=lc.length + room)
         # Slots past the highest one in use are skipped by the attention kernel.
         in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[1]) + 1, 0))
         out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)
@@ -261,7 +276,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
             # has been rewritten by a query that saw it, and rows outside a sequence's window weigh 0.
             lc = lc.replace(rows=lc.rows.at[b, p % plan.window].set(prob))
         if lc.acc is not None:  # the reused slot starts from this query's attention alone
-            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0) + prob)
+            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0, mode="drop") + prob)
         x = finish_layer(lp, x, out[:, None], cfg)
         layers.append(lc)
     cache = cache.replace(layers=tuple(layers), next_pos=p + 1)
@@ -276,39 +291,59 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
 # ---------------------------------------------------------------------------------------------------------
 # Sampling and the compiled programs
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+def sampling_noise(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel noise [B, V] for each sequence's step: Threefry-2x32 keyed by the sequence's own seed, counting
+    (token id, step). It depends on nothing else, neither the row nor the batch nor JAX's PRNG flags (such
+    as `jax_threefry_partitionable`, which changes what `jax.random` draws for a given key)."""
+    shape = (seeds.shape[0], vocab)
+    seed = jnp.broadcast_to(seeds.astype(jnp.uint32)[:, None], shape)
+    step = jnp.broadcast_to(steps.astype(jnp.uint32)[:, None], shape)
+    token = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.uint32)[None, :], shape)
+    bits = threefry2x32_p.bind(seed, jnp.full(shape, 0x5EED, jnp.uint32), token, step)[0]
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    return -jnp.log(-jnp.log(u))
+
+
+def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array,
            mode: tuple[bool, int, bool]) -> jax.Array:
-    """mode = (greedy, top_k, nucleus), static so that greedy decoding compiles to a bare argmax.
-    Otherwise: temperature, then top-k (k static, 0 = off), then nucleus top-p when `nucleus`."""
+    """One token per row. mode = (greedy, top_k, nucleus), static so that greedy decoding compiles to a bare
+    argmax. Otherwise: temperature, then top-k (k static, 0 = off; like HF, every logit tied with the k-th
+    largest stays), then nucleus top-p when `nucleus`: the smallest set of tokens whose probability mass
+    reaches top_p, taken best first, ties in token-id order (so exactly that many tokens stay, as in HF),
+    then a Gumbel-max draw with the row's own noise (`sampling_noise`). temperature, top_p: [B] or scalar."""
     greedy, top_k, nucleus = mode
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = logits / temperature
+    B, V = logits.shape
+    x = logits.astype(jnp.float32) / jnp.broadcast_to(temperature, (B,))[:, None]
     if top_k:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
     if nucleus:
-        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        # Smallest set whose mass reaches top_p: keep every logit whose mass-before is below top_p.
-        n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
-        x = jnp.where(x < jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1), -jnp.inf, x)
-    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+        order = jnp.argsort(-x, axis=-1, stable=True)  # best first; ties: lower token id first
+        probs = jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < jnp.broadcast_to(top_p, (B,))[:, None]  # mass before < p
+        keep = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep)
+        x = jnp.where(keep, x, -jnp.inf)
+    return jnp.argmax(x + sampling_noise(seeds, steps, V), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"))
-def _prefill_program(params, tokens, seq, key, temperature, top_p, *, plan, cfg, mode, impl):
+def _prefill_program(params, tokens, seq, seeds, temperature, top_p, *, plan, cfg, mode, impl):
     TRACE_COUNTS["prefill"] += 1
     logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
-    return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode), cache
+    return sample(logits, seeds, jnp.zeros_like(seeds), temperature, top_p, mode), cache
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"), donate_argnames=("cache",))
-def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop_ids, *, plan, cfg, mode, impl):
+def _decode_program(params, cache, first, active, seeds, max_new, temperature, top_p, stop_ids, *, plan, cfg,
+                    mode, impl):
+    """Decode until every active row has stopped or max_new tokens exist. Inactive rows (the batch bucket's
+    filler) count as done from the start, so they never prolong the loop."""
     TRACE_COUNTS["decode"] += 1
     B = first.shape[0]
     out = jnp.full((B, plan.new_bucket), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_ids)
+    done = jnp.isin(first, stop_ids) | ~active
 
     def cond(state):
         t, _, _, _, done = state
@@ -317,7 +352,7 @@ def _decode_program(params, cache, first, key, max_new, temperature, top_p, stop
     def body(state):
         t, token, cache, out, done = state
         logits, cache = decode_step(params, cache, token, plan, cfg, impl)
-        token = sample(logits, jax.random.fold_in(key, t), temperature, top_p, mode)
+        token = sample(logits, seeds, jnp.full((B,), t), temperature, top_p, mode)
         out = out.at[:, t].set(jnp.where(done, -1, token))
         return t + 1, token, cache, out, done | jnp.isin(token, stop_ids)
 
@@ -376,26 +411,32 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
     n = len(prompts)
     lens = [len(p) for p in prompts]
     S, T, B = bucket(max(lens), 16), bucket(cfg.max_new_tokens, 16), bucket(n, 1)
-    plan = kvc.make_plan(cfg.policy, S, T, mc.num_layers)
-    # Filler rows for the batch bucket repeat the first prompt; their results are dropped.
+    policy = cfg.policy
+    if not any(kvc.compresses(policy, s, cfg.max_new_tokens, mc.num_layers) for s in lens):
+        # Every request fits under the policy's floor: run the full cache's programs, which keep the same
+        # tokens, so the output is the full cache's bit for bit (and no selection work is done).
+        policy = PyramidConfig.full()
+    plan = kvc.make_plan(policy, S, T, mc.num_layers, requests=tuple((s, cfg.max_new_tokens) for s in lens))
+    # Filler rows for the batch bucket repeat the first prompt; they are inactive and their results dropped.
     rows = prompts + [prompts[0]] * (B - n)
     seq = kvc.make_seq_plan(plan, [len(p) for p in rows], cfg.max_new_tokens)
     tokens = np.full((B, S), mc.pad_id, np.int32)
     for i, p in enumerate(rows):
         tokens[i, :len(p)] = p
     stop = np.array(cfg.stop_ids if cfg.stop_ids is not None else mc.eos_ids, np.int32).reshape(-1)
-    key = jax.random.key(cfg.seed)
-    temperature, top_p = jnp.float32(cfg.temperature), jnp.float32(cfg.top_p)
+    seeds = np.full((B,), cfg.seed, np.uint32)  # every sequence draws from its own seed, whatever its row
+    active = np.arange(B) < n
+    temperature, top_p = np.full((B,), cfg.temperature, np.float32), np.full((B,), cfg.top_p, np.float32)
 
     t0 = time.perf_counter()
-    first, cache = _prefill_program(params, tokens, seq, key, temperature, top_p, plan=plan, cfg=mc,
+    first, cache = _prefill_program(params, tokens, seq, seeds, temperature, top_p, plan=plan, cfg=mc,
                                     mode=cfg.sampling_mode, impl=cfg.impl)
     first.block_until_ready()
     t1 = time.perf_counter()
     after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
     per_layer = kvc.kv_bytes(cache)
-    out, cache = _decode_program(params, cache, first, key, jnp.int32(cfg.max_new_tokens), temperature, top_p,
-                                 stop, plan=plan, cfg=mc, mode=cfg.sampling_mode, impl=cfg.impl)
+    out, cache = _decode_program(params, cache, first, active, seeds, jnp.int32(cfg.max_new_tokens), temperature,
+                                 top_p, stop, plan=plan, cfg=mc, mode=cfg.sampling_mode, impl=cfg.impl)
     out = np.asarray(out)
     t2 = time.perf_counter()
 
@@ -412,7 +453,7 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
     per_token = mc.kv_bytes_per_token_layer(itemsize)
     full = B * mc.num_layers * (S + T) * per_token
     stats = dict(
-        policy=cfg.policy.name, prompt_bucket=S, new_bucket=T, batch_bucket=B,
+        policy=cfg.policy.name, compressed=policy is cfg.policy, prompt_bucket=S, new_bucket=T, batch_bucket=B,
         kv_bytes=int(sum(per_layer)), kv_bytes_per_layer=[int(b) for b in per_layer], full_kv_bytes=int(full),
         kv_fraction=sum(per_layer) / full, capacity_per_layer=list(plan.capacity),
         lengths_after_prefill=after_prefill.tolist(), lengths_at_end=at_end.tolist(),

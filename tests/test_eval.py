@@ -11,7 +11,7 @@ from pyrajax.cache import FAMILIES, PyramidConfig, make_plan
 from pyrajax.eval import INSTRUCTION, NEEDLE, QUESTION, agreement, compare, needle_prompts, perplexity
 from tests.conftest import SHARED_DATA
 
-TINY_BUDGET = PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+TINY_BUDGET = PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
                             recent_ratio=0.1)
 CTX, CONT = 48, 24
 
@@ -41,7 +41,7 @@ def test_full_perplexity_equals_logits_loss(tiny, stream):
     assert r["kv_fraction"] == 1.0
 
 
-FAMILY_POLICIES = [PyramidConfig(name=f, prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+FAMILY_POLICIES = [PyramidConfig(name=f, prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
                                   recent_ratio=0.1, **FAMILIES[f]) for f in FAMILIES if f != "budget"]
 
 
@@ -50,12 +50,14 @@ FAMILY_POLICIES = [PyramidConfig(name=f, prefill_schedule="budget", gen_rule="bu
 def test_kv_bytes_are_the_plan_capacities(tiny, stream, policy):
     params, cfg = tiny
     r = perplexity(params, cfg, stream, policy, CTX, CONT, max_chunks=2, progress=False)
-    plan = make_plan(pyrajax.cache_preset(policy) if isinstance(policy, str) else policy, 64, 32, cfg.num_layers)
+    # perplexity prefills CTX - 1 tokens (bucket 64) and forces CONT + 1 through decode steps
+    plan = make_plan(pyrajax.cache_preset(policy) if isinstance(policy, str) else policy, 64, CONT + 1,
+                     cfg.num_layers, requests=((CTX - 1, CONT + 1),))
     per = cfg.kv_bytes_per_token_layer(4)  # float32
     assert r["capacity_per_layer"] == list(plan.capacity)
     assert r["kv_bytes_per_layer"] == [c * per for c in plan.capacity]
     assert r["kv_bytes"] == sum(plan.capacity) * per
-    assert r["full_kv_bytes"] == cfg.num_layers * (64 + 32) * per
+    assert r["full_kv_bytes"] == cfg.num_layers * (64 + CONT + 1) * per
     assert r["kv_fraction"] <= (policy.budget if isinstance(policy, PyramidConfig) else 1.0)
     assert np.isfinite(r["ppl"])
 
@@ -105,11 +107,14 @@ def test_eval_cli_appends_policies(smol_dir, tmp_path):
     out = tmp_path / "eval.json"
     common = ["--checkpoint", str(smol_dir), "--text", str(text), "--tasks", "ppl", "--context", "64",
               "--continuation", "16", "--max-chunks", "2", "--batch", "2", "--out", str(out)]
-    assert main(common + ["--policies", "full", "h2o-0.7"]) == 0
-    assert main(common + ["--append", "--policies", "streaming-0.7:num_sinks=8"]) == 0
+    # 64 + 16 tokens fit under the default floor: min_tokens=0 lets the budgets bite
+    assert main(common + ["--policies", "full", "h2o-0.7:min_tokens=0"]) == 0
+    assert main(common + ["--append", "--policies", "streaming-0.7:num_sinks=8,min_tokens=0"]) == 0
     res = json.loads(out.read_text())
-    assert list(res["results"]) == ["full", "h2o-0.7", "streaming-0.7:num_sinks=8"] and len(res["runs"]) == 2
-    assert res["results"]["streaming-0.7:num_sinks=8"]["config"]["num_sinks"] == 8
+    names = ["full", "h2o-0.7:min_tokens=0", "streaming-0.7:num_sinks=8,min_tokens=0"]
+    assert list(res["results"]) == names and len(res["runs"]) == 2
+    assert res["results"][names[2]]["config"]["num_sinks"] == 8
     assert all(r["ppl"]["kv_fraction"] <= (r["config"]["budget"] or 1.0) for r in res["results"].values())
+    assert res["results"][names[1]]["ppl"]["kv_fraction"] < 1.0
     assert out.with_suffix(".png").stat().st_size > 0
     assert family("streaming-0.7:num_sinks=8") == "streaming:num_sinks=8" and family("h2o-0.45") == "h2o"

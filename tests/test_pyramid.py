@@ -16,7 +16,7 @@ from tests.conftest import SHARED_DATA
 # Runs the whole selection path (window scoring, top-k, gather of survivors) but keeps every token.
 KEEP_ALL = PyramidConfig(name="keep-all", decay_ratio=1.0, gen_rule="none")
 TINY_BUDGET = PyramidConfig(name="tiny-budget", prefill_schedule="budget", gen_rule="budget", budget=0.6,
-                            gen_block=4, recent_ratio=0.1)
+                            min_tokens=0, gen_block=4, recent_ratio=0.1)
 TINY_REFERENCE = PyramidConfig(name="tiny-ref", recent_ratio=0.1, gen_block=4, decay_ratio=0.5, min_context=4)
 
 
@@ -165,13 +165,20 @@ def test_invalid_pyramid_config(kw, field):
         PyramidConfig(**kw)
 
 
-def test_budget_too_small_and_unknown_preset(tiny):
+def test_budget_forms_and_unknown_presets(tiny):
     params, cfg = tiny
-    with pytest.raises(ValueError, match="budget=0.05 is too small"):
-        pyrajax.generate(params, [list(range(3, 100))], pyrajax.GenerationConfig(model=cfg, max_new_tokens=20,
-                                                                                  cache="budget-0.05"))
-    for bad in ["budget-abc", "pyramid", "budget-2", "h2o", "snapkv-x", "streamingllm-0.5", "budget-0.45:scorer",
-                "budget-0.45:colour=red", "h2o-0.45:budget_profile=cosine"]:
+    # A fraction is a ceiling that short requests may exceed (sinks, window and floor first), never an error.
+    r = pyrajax.generate(params, [list(range(3, 100))], pyrajax.GenerationConfig(
+        model=cfg, max_new_tokens=20, cache="budget-0.05:min_tokens=0", stop_ids=()))
+    assert 0.05 < r.stats["kv_fraction"] < 1.0 and r.stats["compressed"]
+    assert cache_preset("budget-0.45").budget == 0.45 and cache_preset("h2o-512").budget == 512
+    assert cache_preset("snapkv-1.0").budget == 1.0 and cache_preset("budget-1.").budget == 1.0
+    # A token budget too small for sinks + window + two blocks names the minimum.
+    with pytest.raises(ValueError, match=r"budget >= 40"):
+        cache_preset("budget-16")
+    for bad in ["budget-abc", "pyramid", "budget-2.0", "budget-1", "budget-0", "budget-0.0", "h2o", "snapkv-x",
+                "streamingllm-0.5", "budget-0.45:scorer", "budget-0.45:colour=red", "h2o-0.45:budget_profile=cosine",
+                "budget--3", "budget-1e3"]:
         with pytest.raises(ValueError):
             cache_preset(bad)
 
@@ -183,7 +190,7 @@ def test_preset_overrides():
     assert cache_preset("h2o-0.3:recent_ratio=0.1").recent_ratio == 0.1
 
 
-TINY_H2O = PyramidConfig(name="tiny-h2o", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+TINY_H2O = PyramidConfig(name="tiny-h2o", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
                          recent_ratio=0.1, **FAMILIES["h2o"])
 
 

@@ -310,10 +310,10 @@ MODELS = {
 }
 POLICIES = {
     "reference": PyramidConfig(name="t", recent_ratio=0.1, gen_block=4, decay_ratio=0.5, min_context=4),
-    "budget": PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+    "budget": PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
                             recent_ratio=0.1),
     # The same-budget baselines: no hidden-state pruning, each layer's cache cut by its own scores.
-    **{family: PyramidConfig(name=family, prefill_schedule="budget", gen_rule="budget", budget=0.6, gen_block=4,
+    **{family: PyramidConfig(name=family, prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
                              recent_ratio=0.1, **kvc.FAMILIES[family])
        for family in ("streaming", "h2o", "snapkv", "pyramidkv")},
 }
