@@ -255,21 +255,23 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     gcfg = GenerationConfig(model=cfg, max_new_tokens=args.new, cache=cache_name, stop_ids=(), impl=impl)
     rng = np.random.default_rng(0)
     S, T, B = bucket(args.prompt, 16), bucket(args.new, 16), bucket(batch, 1)
-    plan = kvc.make_plan(gcfg.policy, S, T, cfg.num_layers)
+    plan = kvc.make_plan(gcfg.policy, S, T, cfg.num_layers, requests=((args.prompt, args.new),))
     seq = kvc.make_seq_plan(plan, [args.prompt] * B, args.new)
     tokens = np.asarray(rng.integers(3, cfg.vocab_size, (B, S)), np.int32)
-    key, temp, top_p, stop = jax.random.key(0), jnp.float32(0), jnp.float32(1), np.zeros((0,), np.int32)
+    seeds, active = np.zeros((B,), np.uint32), np.ones((B,), bool)
+    temp, top_p, stop = np.zeros((B,), np.float32), np.ones((B,), np.float32), np.zeros((0,), np.int32)
     static = dict(plan=plan, cfg=cfg, mode=gcfg.sampling_mode, impl=impl)
     steps = min(args.steps or args.new - 1, args.new - 1)
     max_new = jnp.int32(steps + 1)  # the loop runs t = 1 .. steps
 
     def prefill():
-        first, cache = _prefill_program(params, tokens, seq, key, temp, top_p, **static)
+        first, cache = _prefill_program(params, tokens, seq, seeds, temp, top_p, **static)
         return jax.block_until_ready((first, cache))
 
     t0 = time.perf_counter()
     first, cache = prefill()
-    compiled = _decode_program.lower(params, cache, first, key, max_new, temp, top_p, stop, **static).compile()
+    compiled = _decode_program.lower(params, cache, first, active, seeds, max_new, temp, top_p, stop,
+                                     **static).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     index = hlo_index(hlo)
@@ -281,7 +283,7 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     def decode():  # a fresh prefilled cache each time: the decode program donates it
         first, cache = prefill()
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, key, max_new, temp, top_p, stop)
+        out, cache = compiled(params, cache, first, active, seeds, max_new, temp, top_p, stop)
         jax.block_until_ready((out, cache))
         return time.perf_counter() - t
 
@@ -291,7 +293,7 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     first, cache = prefill()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, key, max_new, temp, top_p, stop)
+        out, cache = compiled(params, cache, first, active, seeds, max_new, temp, top_p, stop)
         jax.block_until_ready((out, cache))
         traced_wall = time.perf_counter() - t
     first_tokens = np.asarray(out)[0, :16].tolist()
