@@ -259,10 +259,11 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     seq = kvc.make_seq_plan(plan, [args.prompt] * B, args.new)
     tokens = np.asarray(rng.integers(3, cfg.vocab_size, (B, S)), np.int32)
     seeds, active = np.zeros((B,), np.uint32), np.ones((B,), bool)
+    forced, n_forced = np.zeros((B, 1), np.int32), np.zeros((B,), np.int32)
     temp, top_p, stop = np.zeros((B,), np.float32), np.ones((B,), np.float32), np.zeros((0,), np.int32)
     static = dict(plan=plan, cfg=cfg, mode=gcfg.sampling_mode, impl=impl)
     steps = min(args.steps or args.new - 1, args.new - 1)
-    max_new = jnp.int32(steps + 1)  # the loop runs t = 1 .. steps
+    max_new = np.full((B,), steps + 1, np.int32)  # the loop runs `steps` decode steps
 
     def prefill():
         first, cache = _prefill_program(params, tokens, seq, seeds, temp, top_p, **static)
@@ -270,8 +271,8 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     first, cache = prefill()
-    compiled = _decode_program.lower(params, cache, first, active, seeds, max_new, temp, top_p, stop,
-                                     **static).compile()
+    compiled = _decode_program.lower(params, cache, first, forced, n_forced, active, seeds, max_new, temp,
+                                     top_p, stop, **static).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     index = hlo_index(hlo)
@@ -283,7 +284,7 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     def decode():  # a fresh prefilled cache each time: the decode program donates it
         first, cache = prefill()
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, active, seeds, max_new, temp, top_p, stop)
+        out, cache = compiled(params, cache, first, forced, n_forced, active, seeds, max_new, temp, top_p, stop)
         jax.block_until_ready((out, cache))
         return time.perf_counter() - t
 
@@ -293,7 +294,7 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     first, cache = prefill()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, active, seeds, max_new, temp, top_p, stop)
+        out, cache = compiled(params, cache, first, forced, n_forced, active, seeds, max_new, temp, top_p, stop)
         jax.block_until_ready((out, cache))
         traced_wall = time.perf_counter() - t
     first_tokens = np.asarray(out)[0, :16].tolist()

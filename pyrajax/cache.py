@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from pyrajax.config import ModelConfig
 
@@ -62,6 +62,11 @@ class PyramidConfig:
         under it is not compressed at all (0 = off). A token budget below the floor lowers it to the budget.
     max_window: at most this many recent tokens form the window (None: no cap for fraction budgets, a quarter
         of the mean layer budget for token budgets, so a long prompt's window cannot eat the budget).
+    protect_tail: budget policies never evict a prompt's last `protect_tail` tokens when no protect mask is
+        given (a chat conversation brings its own: see `pyrajax.prompts`); protect_last_turn: how much of a
+        conversation's last user turn its mask protects (its most recent tokens). Protected tokens count
+        inside the budget. The reference schedules ("cosine", "reference") keep their exact semantics and
+        protect nothing beyond the sinks.
     """
     name: str = "custom"
     recent_ratio: float = 0.2
@@ -76,6 +81,8 @@ class PyramidConfig:
     budget: float | int | None = None
     min_tokens: int = 256
     max_window: int | None = None
+    protect_tail: int = 32
+    protect_last_turn: int = 64
     prune_hidden: bool = True
     budget_profile: str = "pyramid"
     scorer: str = "window"
@@ -127,6 +134,8 @@ class PyramidConfig:
                 need(self.budget >= 16, "budget", "must be >= 16 when a token budget (an int); for a fraction "
                                                   "write it with a decimal point, e.g. 1.0")
         need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an int >= 0")
+        for f in ("protect_tail", "protect_last_turn"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, "must be an int >= 0")
         need(self.max_window is None or (isinstance(self.max_window, int) and self.max_window >= 1),
              "max_window", "must be None or an int >= 1")
         if self.budget is not None and not self.budget_is_fraction:
@@ -154,6 +163,11 @@ class PyramidConfig:
         if self.max_window is not None:
             return self.max_window
         return max(1, self.budget // 4) if self.budget is not None and not self.budget_is_fraction else 0
+
+    @property
+    def protects(self) -> bool:
+        """Whether protect masks apply (budget policies only)."""
+        return self.prefill_schedule == "budget"
 
     @property
     def selects_in_prefill(self) -> bool:
@@ -246,14 +260,33 @@ def gen_keep_counts(policy: PyramidConfig, num_layers: int) -> list[int]:
     return [max(math.floor(policy.gen_block * policy.gen_decay * gl), 1) for gl in g]
 
 
-def smallest_cache(policy: PyramidConfig, prompt_len: int) -> int:
-    """The fewest slots a compressed layer may have: sinks + window + two eviction blocks (so an eviction always
-    finds `gen_block` candidates outside sinks and window), and never below the floor."""
-    need = policy.num_sinks + window_size(policy, prompt_len) + 2 * policy.gen_block
+def smallest_cache(policy: PyramidConfig, prompt_len: int, protected: int = 0) -> int:
+    """The fewest slots a compressed layer may have: sinks + window + `protected` other protected tokens + two
+    eviction blocks (so an eviction always finds `gen_block` candidates), and never below the floor."""
+    need = policy.num_sinks + window_size(policy, prompt_len) + protected + 2 * policy.gen_block
     return max(need, policy.floor_tokens)
 
 
-def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> list[int]:
+def protected_outside(policy: PyramidConfig, prompt_len: int, mask=None) -> int:
+    """How many protected prompt tokens are not sinks (mask None: the policy's default, the last
+    `protect_tail` tokens). Those in the prefill window count too: once generation moves the window on, they
+    stay, and eviction must still find a block of candidates beside them."""
+    if not policy.protects:
+        return 0
+    if mask is None:
+        return max(0, prompt_len - max(prompt_len - policy.protect_tail, policy.num_sinks))
+    return int(np.sum(np.asarray(mask)[policy.num_sinks:]))
+
+
+def default_protect(policy: PyramidConfig, prompt_len: int) -> np.ndarray:
+    mask = np.zeros(prompt_len, bool)
+    if policy.protects and policy.protect_tail:
+        mask[-policy.protect_tail:] = True
+    return mask
+
+
+def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
+                      protected: int = 0) -> list[int]:
     """Per-layer budgets (tokens) of one request, never growing with depth.
 
     A fraction budget F shares F * L * (S + T) tokens over the layers, a token budget B shares B * L. With
@@ -265,7 +298,7 @@ def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_
     much."""
     S, T, L, E = prompt_len, max_new, num_layers, policy.gen_block
     full = S + T
-    lo = smallest_cache(policy, S)
+    lo = smallest_cache(policy, S, protected)
     if full <= lo:
         return [full] * L
     # Layer 0's size does not depend on T (S + E even when T < E), so deeper budgets never shrink as T grows.
@@ -346,11 +379,15 @@ class CachePlan:
         return len(self.capacity)
 
 
-def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int):
-    """(prefill lengths, capacities, evictions per event, budgets) for one request."""
+def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
+                  protected: int | None = None):
+    """(prefill lengths, capacities, evictions per event, budgets) for one request with `protected` protected
+    tokens outside sinks and window (None: the policy's default mask)."""
     L = num_layers
+    if protected is None:
+        protected = protected_outside(policy, prompt_len)
     if policy.prefill_schedule == "budget" or policy.gen_rule == "budget":
-        caps = budget_capacities(policy, prompt_len, max_new, L)
+        caps = budget_capacities(policy, prompt_len, max_new, L, protected)
     if policy.prefill_schedule == "none":
         pre = [prompt_len] * L
     elif policy.prefill_schedule == "cosine":
@@ -368,9 +405,10 @@ def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_laye
     return pre, cap, [policy.gen_block - k for k in keep], cap
 
 
-def compresses(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int) -> bool:
+def compresses(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
+               protected: int | None = None) -> bool:
     """Whether the policy drops anything from this request: in prefill, or in generation."""
-    pre, cap, _, _ = layer_lengths(policy, prompt_len, max_new, num_layers)
+    pre, cap, _, _ = layer_lengths(policy, prompt_len, max_new, num_layers, protected)
     if any(n < prompt_len for n in pre):
         return True
     if policy.gen_rule == "budget":
@@ -396,13 +434,14 @@ def _bucket_lengths(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, 
 
 
 def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int,
-              requests: tuple[tuple[int, int], ...] = ()) -> CachePlan:
+              requests: tuple[tuple[int, ...], ...] = ()) -> CachePlan:
     """The static shapes of a bucket: every layer has room for any prompt of up to `prompt_bucket` tokens with
-    `new_bucket` new tokens, and for each (prompt length, new tokens) in `requests` (requests with fewer new
-    tokens than the bucket can need other per-layer budgets; they almost never enlarge the plan)."""
+    `new_bucket` new tokens, and for each (prompt length, new tokens[, protected tokens]) in `requests`
+    (fewer new tokens than the bucket, or a protect mask, can need other per-layer budgets; they rarely
+    enlarge the plan)."""
     pre, cap, evict = _bucket_lengths(policy, prompt_bucket, new_bucket, num_layers)
-    for s, t in requests:
-        p, c, _, _ = layer_lengths(policy, s, t, num_layers)
+    for s, t, *protected in requests:
+        p, c, _, _ = layer_lengths(policy, s, t, num_layers, *protected)
         pre = [max(a, b) for a, b in zip(pre, p)]
         cap = [max(a, b) for a, b in zip(cap, c)]
     step = policy.prefill_bucket
@@ -416,27 +455,51 @@ def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_la
 @struct.dataclass
 class SeqPlan:
     """Per-sequence schedule, as data. keep[b, l]: prompt tokens of sequence b that layer l caches after
-    prefill (with prune_hidden: the tokens entering layer l); budget[b, l]: its budget at layer l."""
+    prefill (with prune_hidden: the tokens entering layer l); budget[b, l]: its budget at layer l;
+    protect[b, p]: prompt position p of sequence b is never evicted (budget policies)."""
     prompt_len: Int[Array, " B"]
     window: Int[Array, " B"]
     keep: Int[Array, "B L"]
     budget: Int[Array, "B L"]
+    protect: Bool[Array, "B S"]
 
 
-def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[int]) -> SeqPlan:
-    """The per-sequence schedules of a batch (`max_new`: one count for all, or one per sequence)."""
-    news = [max_new] * len(prompt_lens) if isinstance(max_new, int) else list(max_new)
+def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[int], protect=None) -> SeqPlan:
+    """The per-sequence schedules of a batch (`max_new`: one count for all, or one per sequence; `protect`:
+    None, or per sequence a boolean mask over its prompt or None for the policy's default)."""
+    n = len(prompt_lens)
+    news = [max_new] * n if isinstance(max_new, int) else list(max_new)
+    masks = [None] * n if protect is None else list(protect)
     rows = []
-    for i, (s, t) in enumerate(zip(prompt_lens, news)):
-        pre, cap, _, budget = layer_lengths(plan.policy, s, t, plan.num_layers)
-        if (s > plan.prompt_bucket or t > plan.new_bucket or any(p > P for p, P in zip(pre, plan.prefill))
-                or any(c > C for c, C in zip(cap, plan.capacity))):
+    pinned = np.zeros((n, plan.prompt_bucket), bool)
+    for i, (s, t, mask) in enumerate(zip(prompt_lens, news, masks)):
+        if mask is None:
+            mask = default_protect(plan.policy, s)
+        elif np.shape(mask) != (s,):
+            raise ValueError(f"request {i}: its protect mask has shape {np.shape(mask)} for a {s}-token prompt")
+        fits = s <= plan.prompt_bucket and t <= plan.new_bucket
+        if fits:
+            pre, cap, _, budget = layer_lengths(plan.policy, s, t, plan.num_layers,
+                                                protected_outside(plan.policy, s, mask))
+            fits = (all(p <= P for p, P in zip(pre, plan.prefill))
+                    and all(c <= C for c, C in zip(cap, plan.capacity)))
+        if not fits:
             raise ValueError(f"request {i} ({s}-token prompt + {t} new tokens) does not fit the plan of its bucket "
                              f"({plan.prompt_bucket} + {plan.new_bucket}); build the plan with "
                              "make_plan(..., requests=...) covering it")
+        if plan.policy.protects:
+            pinned[i, :s] = mask
         rows.append((s, window_size(plan.policy, s), pre, budget))
     return SeqPlan(prompt_len=np.array([r[0] for r in rows], np.int32), window=np.array([r[1] for r in rows], np.int32),
-                   keep=np.array([r[2] for r in rows], np.int32), budget=np.array([r[3] for r in rows], np.int32))
+                   keep=np.array([r[2] for r in rows], np.int32), budget=np.array([r[3] for r in rows], np.int32),
+                   protect=pinned)
+
+
+def protected_slots(seq: SeqPlan, pos: Int[Array, "B n"]) -> jax.Array:
+    """Whether each slot holds a protected prompt token ([B, n]; empty slots and generated tokens: False)."""
+    S = seq.protect.shape[1]
+    inside = (pos >= 0) & (pos < S)
+    return inside & jnp.take_along_axis(seq.protect, jnp.clip(pos, 0, S - 1), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,12 +545,12 @@ def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window
 
 def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: SeqPlan, keep: Int[Array, " B"],
                    num_sinks: int, out_len: int):
-    """Prefill selection after one layer: per sequence, keep its sinks, its window and the top-scored context
-    tokens, `keep[b]` tokens in all, in original order at the front of `out_len` slots.
+    """Prefill selection after one layer: per sequence, keep its sinks, its window, its protected tokens and the
+    top-scored context tokens, `keep[b]` tokens in all, in original order at the front of `out_len` slots.
     Returns (gather indices [B, out_len], new positions [B, out_len] with -1 for unused slots)."""
     n = pos.shape[1]
     valid = pos >= 0
-    forced = (pos < num_sinks) | (pos >= (seq.prompt_len - seq.window)[:, None])
+    forced = (pos < num_sinks) | (pos >= (seq.prompt_len - seq.window)[:, None]) | protected_slots(seq, pos)
     priority = jnp.where(valid, jnp.where(forced, BIG, scores), -jnp.inf)
     _, idx = jax.lax.top_k(priority, out_len)  # best first; ties go to the earlier slot
     chosen = jnp.arange(out_len)[None, :] < keep[:, None]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pyrajax import cache as kvc
 from pyrajax.cache import PyramidConfig
-from pyrajax.generate import GenerationConfig, bucket, decode_step, generate, get_tokenizer, prefill
+from pyrajax.generate import GenerationConfig, bucket, extend, generate, get_tokenizer, prefill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -48,28 +48,9 @@ def as_policy(policy: str | PyramidConfig) -> PyramidConfig:
 # ---------------------------------------------------------------------------------------------------------
 # Perplexity
 
-def _nll(logits, target):
-    """Negative log-likelihood of each row's target token, in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"))
 def _prefill_cache(params, tokens, seq, *, plan, cfg, impl):
     return prefill(params, tokens, seq, plan, cfg, impl)[1]
-
-
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))
-def _forced_nll(params, cache, inputs, targets, *, plan, cfg, impl):
-    """Teacher forcing: feed inputs[:, t], score targets[:, t]. Returns (NLL [B, T], the cache); returning the
-    cache lets the donated input buffers serve as the loop's carry, updated in place."""
-    def step(cache, xt):
-        token, target = xt
-        logits, cache = decode_step(params, cache, token, plan, cfg, impl)
-        return cache, _nll(logits, target)
-
-    cache, nll = jax.lax.scan(step, cache, (inputs.T, targets.T))
-    return nll.T, cache
 
 
 def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation: int = 256,
@@ -104,8 +85,7 @@ def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation:
         cache = _prefill_cache(params, tokens, seq, plan=plan, cfg=cfg, impl=impl)
         per_layer = kvc.kv_bytes(cache)  # before the cache is donated
         itemsize = cache.layers[0].k.dtype.itemsize
-        nll, cache = _forced_nll(params, cache, batch[:, prompt:-1], batch[:, context:], plan=plan, cfg=cfg,
-                                 impl=impl)
+        _, nll, cache = extend(params, cache, batch[:, prompt:-1], plan, cfg, impl, targets=batch[:, context:])
         nlls.append(np.asarray(nll)[:n])
         lengths.append(np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n])
     nll = np.concatenate(nlls).astype(np.float64)

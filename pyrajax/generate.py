@@ -29,6 +29,7 @@ from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
 from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv, queries
 from pyrajax.params import Params, check_params
+from pyrajax.prompts import prepare, to_ids
 
 # How many times each program was traced (= compiled); tests use it to prove one compilation per bucket.
 TRACE_COUNTS: Counter = Counter()
@@ -231,8 +232,9 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, .
             if policy.gen_rule == "reference":
                 lo = cache.compressed_upto[:, None]
                 candidate = used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
-            else:  # anything but sinks and the window may go
-                candidate = used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+            else:  # anything but sinks, the window and protected prompt tokens may go
+                candidate = (used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+                             & ~kvc.protected_slots(seq, lc.pos))
             scores = (jnp.einsum("bw,bwc->bc", weights, lc.rows) if policy.scorer == "window"
                       else lc.acc if policy.scorer == "accumulated"
                       else lc.pos.astype(jnp.float32))  # "recency": the oldest go first
@@ -336,28 +338,67 @@ def _prefill_program(params, tokens, seq, seeds, temperature, top_p, *, plan, cf
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"), donate_argnames=("cache",))
-def _decode_program(params, cache, first, active, seeds, max_new, temperature, top_p, stop_ids, *, plan, cfg,
-                    mode, impl):
-    """Decode until every active row has stopped or max_new tokens exist. Inactive rows (the batch bucket's
-    filler) count as done from the start, so they never prolong the loop."""
+def _decode_program(params, cache, first, forced, n_forced, active, seeds, max_new, temperature, top_p, stop_ids,
+                    *, plan, cfg, mode, impl):
+    """The decode loop. Row b first feeds its `n_forced[b]` tokens `forced[b]` (a continuation of its prompt,
+    appended to its compressed cache with eviction active: `extend` inside the loop), then generates up to
+    `max_new[b]` tokens; without forced tokens its first token is `first` (sampled after prefill). Every
+    row samples with its own seed and its own count of generated tokens, so its output depends on nothing
+    else in the batch. Inactive rows (the batch bucket's filler) count as done from the start."""
     TRACE_COUNTS["decode"] += 1
-    B = first.shape[0]
-    out = jnp.full((B, plan.new_bucket), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_ids) | ~active
+    B, F = forced.shape
+    rows = jnp.arange(B)
+    T = plan.new_bucket
+    from_prefill = n_forced == 0
+    out = jnp.full((B, T), -1, jnp.int32).at[:, 0].set(jnp.where(from_prefill, first, -1))
+    count = from_prefill.astype(jnp.int32)  # tokens generated so far
+    done = ~active | (from_prefill & (jnp.isin(first, stop_ids) | (count >= max_new)))
+    token = jnp.where(from_prefill, first, forced[:, 0])
 
     def cond(state):
-        t, _, _, _, done = state
-        return (t < max_new) & ~jnp.all(done)
+        i, _, _, _, _, done = state
+        return (i < T + F) & ~jnp.all(done)
 
     def body(state):
-        t, token, cache, out, done = state
+        i, token, count, cache, out, done = state
         logits, cache = decode_step(params, cache, token, plan, cfg, impl)
-        token = sample(logits, seeds, jnp.full((B,), t), temperature, top_p, mode)
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        return t + 1, token, cache, out, done | jnp.isin(token, stop_ids)
+        sampled = sample(logits, seeds, count, temperature, top_p, mode)
+        feeding = i + 1 < n_forced  # the next input is still a forced token
+        emit = ~feeding & ~done
+        out = out.at[rows, jnp.where(emit, count, T)].set(sampled, mode="drop")
+        count = count + emit
+        done = done | (emit & (jnp.isin(sampled, stop_ids) | (count >= max_new)))
+        token = jnp.where(feeding, forced[rows, jnp.minimum(i + 1, F - 1)], sampled)
+        return i + 1, token, count, cache, out, done
 
-    _, _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done))
+    state = (jnp.int32(0), token, count, cache, out, done)
+    _, _, _, cache, out, _ = jax.lax.while_loop(cond, body, state)
     return out, cache
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))
+def extend(params: Params, cache: KVCache, tokens: jax.Array, plan: CachePlan, cfg: ModelConfig,
+           impl: str = "auto", targets: jax.Array | None = None):
+    """Append `tokens` [B, n] to an existing (possibly compressed) cache, one decode step per token with the
+    policy's eviction active. Returns (logits after the last token [B, V], the NLL of `targets` [B, n] under
+    each step's logits or None, the cache). The plan must have room: n counts as new tokens."""
+    B = tokens.shape[0]
+
+    def step(carry, xs):
+        cache, _ = carry
+        token, target = xs
+        logits, cache = decode_step(params, cache, token, plan, cfg, impl)
+        return (cache, logits.astype(jnp.float32)), None if target is None else _nll(logits, target)
+
+    xs = (tokens.T, None if targets is None else targets.T)
+    (cache, last), nll = jax.lax.scan(step, (cache, jnp.zeros((B, cfg.vocab_size), jnp.float32)), xs)
+    return last, None if nll is None else nll.T, cache
+
+
+def _nll(logits, target):
+    """Negative log-likelihood of each row's target token, in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,55 +418,59 @@ def get_tokenizer(cfg: GenerationConfig | ModelConfig):
     return _load_tokenizer(str(tok)) if isinstance(tok, (str, bytes)) or hasattr(tok, "__fspath__") else tok
 
 
-def _validate_prompts(prompts, cfg: GenerationConfig, tokenizer) -> list[list[int]]:
-    mc = cfg.model
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of prompts (token-id lists or strings)")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError(f"prompt {i} is a string but no tokenizer is known; pass token ids, or "
-                                 "GenerationConfig(tokenizer=...), or load a checkpoint that has one")
-            p = tokenizer.encode(p)
-        p = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
-        if not p:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in p if not 0 <= t < mc.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {mc.vocab_size}): {bad[:5]}")
-        if len(p) + cfg.max_new_tokens > mc.max_positions:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} that "
-                             f"exceeds the model's {mc.max_positions} positions; shorten the prompt or "
-                             "generate fewer tokens")
-        out.append(p)
-    return out
+def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, suffixes=None) -> GenerationResult:
+    """Generate for a ragged batch of prompts: token-id lists, strings or chat conversations (lists of
+    {"role", "content"} messages, rendered with the tokenizer's chat template and protected as
+    `pyrajax.prompts` says). See GenerationConfig for the settings.
 
-
-def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult:
-    """Generate for a ragged batch of prompts. See GenerationConfig for the settings."""
+    protect: optional, per prompt a boolean mask over its tokens (or None): tokens a budget policy never
+        evicts (added to a conversation's own mask); without one, the policy protects the last
+        `protect_tail` prompt tokens.
+    suffixes: optional, per prompt a list of token ids appended *after* the prompt has been prefilled and
+        compressed (one decode step each, eviction active), before generating: the query-agnostic protocol
+        (a question asked about an already compressed context) and the next turn of a conversation."""
     mc = cfg.model
     check_params(params, mc)
     tokenizer = get_tokenizer(cfg)
-    prompts = _validate_prompts(prompts, cfg, tokenizer)
+    prepared = prepare(prompts, tokenizer, mc.vocab_size, cfg.policy.protect_last_turn, protect)
+    prompts = [ids for ids, _ in prepared]
+    masks = [mask for _, mask in prepared]
     n = len(prompts)
+    if suffixes is None:
+        suffixes = [[] for _ in range(n)]
+    elif len(suffixes) != n:
+        raise ValueError(f"suffixes has {len(suffixes)} entries for {n} prompts; give one per prompt ([] for none)")
+    suffixes = [to_ids(x, tokenizer, mc.vocab_size, i) if len(x) else [] for i, x in enumerate(suffixes)]
     lens = [len(p) for p in prompts]
-    S, T, B = bucket(max(lens), 16), bucket(cfg.max_new_tokens, 16), bucket(n, 1)
+    after = [len(x) + cfg.max_new_tokens for x in suffixes]  # tokens each cache takes after its prompt
+    for i, (s, a) in enumerate(zip(lens, after)):
+        if s + a > mc.max_positions:
+            raise ValueError(f"prompt {i} has {s} tokens (+ {a - cfg.max_new_tokens} suffix tokens); with "
+                             f"max_new_tokens={cfg.max_new_tokens} that exceeds the model's {mc.max_positions} "
+                             "positions; shorten the prompt or generate fewer tokens")
+    S, T, B = bucket(max(lens), 16), bucket(max(after), 16), bucket(n, 1)
+    F = bucket(max(len(x) for x in suffixes), 16) if any(suffixes) else 1
     policy = cfg.policy
-    if not any(kvc.compresses(policy, s, cfg.max_new_tokens, mc.num_layers) for s in lens):
+    protected = [kvc.protected_outside(policy, s, m) for s, m in zip(lens, masks)]
+    if not any(kvc.compresses(policy, s, a, mc.num_layers, c) for s, a, c in zip(lens, after, protected)):
         # Every request fits under the policy's floor: run the full cache's programs, which keep the same
         # tokens, so the output is the full cache's bit for bit (and no selection work is done).
         policy = PyramidConfig.full()
-    plan = kvc.make_plan(policy, S, T, mc.num_layers, requests=tuple((s, cfg.max_new_tokens) for s in lens))
-    # Filler rows for the batch bucket repeat the first prompt; they are inactive and their results dropped.
-    rows = prompts + [prompts[0]] * (B - n)
-    seq = kvc.make_seq_plan(plan, [len(p) for p in rows], cfg.max_new_tokens)
+    plan = kvc.make_plan(policy, S, T, mc.num_layers, requests=tuple(zip(lens, after, protected)))
+    # Filler rows for the batch bucket repeat the first request; they are inactive and their results dropped.
+    fill = lambda xs: list(xs) + [xs[0]] * (B - n)
+    rows, row_masks, row_suffixes = fill(prompts), fill(masks), fill(suffixes)
+    seq = kvc.make_seq_plan(plan, [len(p) for p in rows], fill(after), row_masks)
     tokens = np.full((B, S), mc.pad_id, np.int32)
-    for i, p in enumerate(rows):
+    forced = np.zeros((B, F), np.int32)
+    for i, (p, x) in enumerate(zip(rows, row_suffixes)):
         tokens[i, :len(p)] = p
+        forced[i, :len(x)] = x
+    n_forced = np.array([len(x) for x in row_suffixes], np.int32)
     stop = np.array(cfg.stop_ids if cfg.stop_ids is not None else mc.eos_ids, np.int32).reshape(-1)
     seeds = np.full((B,), cfg.seed, np.uint32)  # every sequence draws from its own seed, whatever its row
     active = np.arange(B) < n
+    max_new = np.full((B,), cfg.max_new_tokens, np.int32)
     temperature, top_p = np.full((B,), cfg.temperature, np.float32), np.full((B,), cfg.top_p, np.float32)
 
     t0 = time.perf_counter()
@@ -435,7 +480,7 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
     t1 = time.perf_counter()
     after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
     per_layer = kvc.kv_bytes(cache)
-    out, cache = _decode_program(params, cache, first, active, seeds, jnp.int32(cfg.max_new_tokens), temperature,
+    out, cache = _decode_program(params, cache, first, forced, n_forced, active, seeds, max_new, temperature,
                                  top_p, stop, plan=plan, cfg=mc, mode=cfg.sampling_mode, impl=cfg.impl)
     out = np.asarray(out)
     t2 = time.perf_counter()
@@ -452,12 +497,15 @@ def generate(params: Params, prompts, cfg: GenerationConfig) -> GenerationResult
     itemsize = jnp.dtype(params.embed.dtype).itemsize
     per_token = mc.kv_bytes_per_token_layer(itemsize)
     full = B * mc.num_layers * (S + T) * per_token
+    # What the full cache would hold for these requests (their own lengths, no buckets): the measured fraction.
+    requested = sum((s + a) for s, a in zip(lens, after)) * mc.num_layers * per_token
     stats = dict(
         policy=cfg.policy.name, compressed=policy is cfg.policy, prompt_bucket=S, new_bucket=T, batch_bucket=B,
         kv_bytes=int(sum(per_layer)), kv_bytes_per_layer=[int(b) for b in per_layer], full_kv_bytes=int(full),
         kv_fraction=sum(per_layer) / full, capacity_per_layer=list(plan.capacity),
         lengths_after_prefill=after_prefill.tolist(), lengths_at_end=at_end.tolist(),
-        live_kv_bytes=int(at_end.sum() * per_token),
+        live_kv_bytes=int(at_end.sum() * per_token), live_kv_fraction=float(at_end.sum() * per_token / requested),
+        prompt_tokens=lens, suffix_tokens=[len(x) for x in suffixes],
         prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
         generated_tokens=sum(len(t) for t in tokens_out),
     )

@@ -104,7 +104,7 @@ def top2_gap(logits):
 # The PyramidInfer reference (SPEC §1.1-1.2), one sequence
 
 class Reference:
-    def __init__(self, P: dict, cfg, policy: PyramidConfig, prompt: list[int], max_new: int):
+    def __init__(self, P: dict, cfg, policy: PyramidConfig, prompt: list[int], max_new: int, protect=None):
         self.P, self.cfg, self.policy = P, cfg, policy
         self.tokens = list(prompt)
         self.s = s = len(prompt)
@@ -112,7 +112,13 @@ class Reference:
         self.W = min(s, 1 + math.floor(policy.recent_ratio * s))  # SPEC: W = 1 + floor(recent_ratio * S)
         # Counts only (static schedule, tested elsewhere): tokens entering each layer, generation budgets and
         # the reference rule's per-block keep counts.
-        self.n_in, _, _, self.budget = kvc.layer_lengths(policy, s, max_new, L)
+        # Protected prompt positions (budget policies): never dropped in prefill or evicted in generation. No
+        # mask: the policy's default, the last protect_tail prompt tokens.
+        if protect is None:
+            protect = np.arange(s) >= s - policy.protect_tail
+        self.protected = set(np.flatnonzero(protect).tolist()) if policy.prefill_schedule == "budget" else set()
+        outside = sum(1 for q in self.protected if q >= policy.num_sinks)
+        self.n_in, _, _, self.budget = kvc.layer_lengths(policy, s, max_new, L, outside)
         self.gen_keep = kvc.gen_keep_counts(policy, L)
         self.span = s + max_new + 1  # length of the position-indexed attention rows
         self.kv = [None] * L  # per layer: dict(pos=[...], k=[...], v=[...]) in original order
@@ -161,7 +167,7 @@ class Reference:
         """Indices (into the current tokens) of sinks + window + the `count` best in all, in order."""
         pol, s, W = self.policy, self.s, self.W
         n = len(pos)
-        forced = (pos < pol.num_sinks) | (pos >= s - W)
+        forced = (pos < pol.num_sinks) | (pos >= s - W) | np.isin(pos, list(self.protected))
         context = [i for i in range(n) if not forced[i]]
         ranked = sorted(context, key=lambda i: -score[i])  # stable: ties go to the earlier token
         n_ctx = count - int(forced.sum())
@@ -227,7 +233,7 @@ class Reference:
                 self._drop(l, set(dropped))
         elif pol.gen_rule == "budget" and len(held) >= self.budget[l]:
             # Neither sinks nor the W most recent positions (p-W+1 .. p, the new token included) may go.
-            cand = [q for q in held if q >= pol.num_sinks and q <= p - self.W]
+            cand = [q for q in held if q >= pol.num_sinks and q <= p - self.W and q not in self.protected]
             if pol.scorer == "window":
                 score = self._buffer_scores(l, p)
             elif pol.scorer == "accumulated":
@@ -310,20 +316,28 @@ MODELS = {
 }
 POLICIES = {
     "reference": PyramidConfig(name="t", recent_ratio=0.1, gen_block=4, decay_ratio=0.5, min_context=4),
-    "budget": PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
-                            recent_ratio=0.1),
+    "budget": PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                            protect_tail=0, gen_block=4, recent_ratio=0.1),
     # The same-budget baselines: no hidden-state pruning, each layer's cache cut by its own scores.
-    **{family: PyramidConfig(name=family, prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
-                             recent_ratio=0.1, **kvc.FAMILIES[family])
+    **{family: PyramidConfig(name=family, prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                             protect_tail=0, gen_block=4, recent_ratio=0.1, **kvc.FAMILIES[family])
        for family in ("streaming", "h2o", "snapkv", "pyramidkv")},
+    # Protected spans: the default tail, and explicit masks (below) with and without hidden-state pruning.
+    "budget+tail": PyramidConfig(name="bt", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                                 protect_tail=12, gen_block=4, recent_ratio=0.1),
+    "budget+mask": PyramidConfig(name="bm", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                                 gen_block=4, recent_ratio=0.1),
+    "h2o+mask": PyramidConfig(name="hm", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                              gen_block=4, recent_ratio=0.1, **kvc.FAMILIES["h2o"]),
 }
+MASKED = ("budget+mask", "h2o+mask")  # explicit protect masks: ~15% of each prompt's positions at random
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
 # Weight seeds (prompt seed = 100 + seed) whose reference decisions are all >= MIN_MARGIN from a tie: seed 1
 # for h6kv3-L5 (a selection margin of 4e-5) and seed 2 for h4kv1-L4 (a greedy top-2 gap of 3e-6) were not.
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 # Per policy where the model's seed gave a greedy top-2 gap below MIN_MARGIN (3.9e-5 and 1.2e-5).
-SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4}
+SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5", "budget+mask"): 4}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
@@ -336,22 +350,25 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
     P = to_numpy(params)
     rng = np.random.default_rng(100 + seed)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in PROMPT_LENS]
+    masks = [rng.random(n) < 0.15 for n in PROMPT_LENS] if policy_name in MASKED else [None] * len(PROMPT_LENS)
 
     # Engine: one padded batch (prompt bucket 128, generation bucket 64, as `generate` would pick).
     L, B = cfg.num_layers, len(prompts)
-    plan = kvc.make_plan(policy, 128, 64, L)
-    seq = kvc.make_seq_plan(plan, list(PROMPT_LENS), STEPS)
+    protected = [kvc.protected_outside(policy, s, m) for s, m in zip(PROMPT_LENS, masks)]
+    plan = kvc.make_plan(policy, 128, 64, L, requests=tuple((s, STEPS, c) for s, c in zip(PROMPT_LENS, protected)))
+    seq = kvc.make_seq_plan(plan, list(PROMPT_LENS), STEPS, masks)
     tokens = np.full((B, plan.prompt_bucket), cfg.pad_id, np.int32)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
     logits, cache = _prefill(params, jnp.asarray(tokens), seq, plan=plan, cfg=cfg)
 
-    refs = [Reference(P, cfg, policy, p, STEPS) for p in prompts]
+    refs = [Reference(P, cfg, policy, p, STEPS, m) for p, m in zip(prompts, masks)]
     ref_out = [r.prefill() for r in refs]
 
     got = engine_positions(cache)
     for b, (entered, _) in enumerate(ref_out):
         for l in range(L):
+            assert refs[b].protected <= set(got[l][b].tolist()), f"after prefill a protected token left layer {l}"
             assert np.array_equal(got[l][b], entered[l]), (
                 f"after prefill, sequence {b} (S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], entered[l])
                 + margin_note(refs[b]))
@@ -373,6 +390,7 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
         got = engine_positions(cache)
         for b, r in enumerate(refs):
             for l in range(L):
+                assert r.protected <= set(got[l][b].tolist()), f"step {t}: a protected token left layer {l}"
                 assert np.array_equal(got[l][b], r.held(l)), (
                     f"generation step {t} (token at position {PROMPT_LENS[b] + t}), sequence {b} "
                     f"(S={PROMPT_LENS[b]}), layer {l}: " + describe(got[l][b], r.held(l)) + margin_note(r))
