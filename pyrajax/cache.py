@@ -139,12 +139,21 @@ class PyramidConfig:
         need(self.max_window is None or (isinstance(self.max_window, int) and self.max_window >= 1),
              "max_window", "must be None or an int >= 1")
         if self.budget is not None and not self.budget_is_fraction:
-            least = self.num_sinks + self.window_cap + 2 * self.gen_block
-            need(self.budget >= least, "budget",
-                 f"a token budget must hold sinks ({self.num_sinks}) + window (up to {self.window_cap}) + two "
-                 f"eviction blocks ({2 * self.gen_block}): use a budget >= {least}, or fewer sinks, a smaller "
-                 "max_window or gen_block")
+            need(self.budget >= self._least_tokens(self.budget), "budget",
+                 f"a token budget must hold sinks ({self.num_sinks}) + window (up to {self.window_cap}) + the "
+                 f"protected tail ({self.protect_tail}) + two eviction blocks ({2 * self.gen_block}): use a budget "
+                 f">= {self._smallest_token_budget()}, or fewer sinks, a smaller max_window, protect_tail or gen_block")
         object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
+
+    def _least_tokens(self, budget: int) -> int:
+        window = self.max_window if self.max_window is not None else max(1, budget // 4)
+        return self.num_sinks + window + self.protect_tail + 2 * self.gen_block
+
+    def _smallest_token_budget(self) -> int:
+        b = 16
+        while b < self._least_tokens(b):  # the window cap grows with the budget: iterate to the fixed point
+            b = self._least_tokens(b)
+        return b
 
     @property
     def budget_is_fraction(self) -> bool:

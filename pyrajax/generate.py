@@ -204,7 +204,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
 # ---------------------------------------------------------------------------------------------------------
 # Decode
 
-def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, ...]:
+def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tuple[LayerCache, ...]:
     """Generation-phase eviction of every layer, before this step's token is appended anywhere.
 
     A layer's decision depends only on its own state after the previous step, so deciding every layer up
@@ -221,6 +221,7 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, .
                                    (p.shape[0], len(todo)))
     else:  # "budget": the layer is at its budget
         trigger = jnp.stack([layers[l].length for l in todo], axis=1) >= seq.budget[:, np.array(todo)]
+    trigger = trigger & live[:, None]
 
     def run():
         if policy.scorer == "window":
@@ -250,13 +251,16 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array) -> tuple[LayerCache, .
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
-                impl: str = "auto"):
-    """One new token per sequence through every layer: (logits [B, V], updated cache)."""
+                impl: str = "auto", live: jax.Array | None = None):
+    """One new token per sequence through every layer: (logits [B, V], updated cache). Rows where `live` is
+    False (finished sequences) are computed but leave their cache exactly as it was."""
     B = token.shape[0]
     b = jnp.arange(B)
+    live = jnp.ones((B,), bool) if live is None else live
     p = cache.next_pos
     x = embed(params, token[:, None])
-    evicted = _evict(cache, plan, p)
+    evicted = _evict(cache, plan, p, live)
+    ring = jnp.where(live, p % plan.window, plan.window)  # the window row this query writes (dropped if not live)
     layers = []
     for l, lp in enumerate(params.layers):
         lc = evicted[l]
@@ -264,7 +268,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
         # The first empty slot. Capacities guarantee one; were there none, the write is dropped (slot index out
         # of range) rather than landing on slot 0, a sink.
         slot = jnp.argmax(lc.pos < 0, axis=1)
-        room = lc.pos[b, slot] < 0
+        room = (lc.pos[b, slot] < 0) & live
         slot = jnp.where(room, slot, lc.pos.shape[1])
         lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0], mode="drop"),
                         v=lc.v.at[b, :, slot].set(v[:, 0], mode="drop"),
@@ -276,16 +280,16 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
             # A reused slot's column still holds the evicted token's attention in older rows. It is never read:
             # the new token stays in the window (not a candidate) for W steps, by which time every ring row
             # has been rewritten by a query that saw it, and rows outside a sequence's window weigh 0.
-            lc = lc.replace(rows=lc.rows.at[b, p % plan.window].set(prob))
+            lc = lc.replace(rows=lc.rows.at[b, ring].set(prob, mode="drop"))
         if lc.acc is not None:  # the reused slot starts from this query's attention alone
-            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0, mode="drop") + prob)
+            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0, mode="drop") + jnp.where(live[:, None], prob, 0.0))
         x = finish_layer(lp, x, out[:, None], cfg)
         layers.append(lc)
-    cache = cache.replace(layers=tuple(layers), next_pos=p + 1)
+    cache = cache.replace(layers=tuple(layers), next_pos=p + live)
     if cache.row_pos is not None:
-        cache = cache.replace(row_pos=cache.row_pos.at[b, p % plan.window].set(p))
+        cache = cache.replace(row_pos=cache.row_pos.at[b, ring].set(p, mode="drop"))
     if plan.policy.gen_rule == "reference":
-        cut = cache.compressed_upto + plan.policy.gen_block - 1 <= p - cache.seq.window
+        cut = live & (cache.compressed_upto + plan.policy.gen_block - 1 <= p - cache.seq.window)
         cache = cache.replace(compressed_upto=cache.compressed_upto + jnp.where(cut, plan.policy.gen_block, 0))
     return lm_logits(params, x, cfg)[:, 0], cache
 
@@ -361,7 +365,7 @@ def _decode_program(params, cache, first, forced, n_forced, active, seeds, max_n
 
     def body(state):
         i, token, count, cache, out, done = state
-        logits, cache = decode_step(params, cache, token, plan, cfg, impl)
+        logits, cache = decode_step(params, cache, token, plan, cfg, impl, live=~done)
         sampled = sample(logits, seeds, count, temperature, top_p, mode)
         feeding = i + 1 < n_forced  # the next input is still a forced token
         emit = ~feeding & ~done
