@@ -9,6 +9,10 @@ DEMO_PROMPTS = [
     "Give me three tips for writing clear code.",
     "Explain in two sentences why the sky is blue.",
 ]
+DEMO_SYSTEM = "You are a helpful assistant. Answer briefly."
+# The long case: a question about an essay of about 2k tokens, where compression saves memory.
+ESSAY, ESSAY_CHARS = "paul-graham-essays/avg.txt", 9000
+ESSAY_QUESTION = "\n\nIn one sentence: what is the essay above about?"
 
 
 def chat_tokens(tokenizer, text: str) -> list[int]:
@@ -17,8 +21,14 @@ def chat_tokens(tokenizer, text: str) -> list[int]:
                                               tokenize=True, return_dict=False))
 
 
-def _gib(n: int) -> str:
+def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def _essay(data_dir) -> str | None:
+    from pathlib import Path
+    path = Path(data_dir) / ESSAY
+    return path.read_text()[:ESSAY_CHARS] if path.is_file() else None
 
 
 def demo(args) -> int:
@@ -26,31 +36,45 @@ def demo(args) -> int:
     import jax.numpy as jnp
     import pyrajax
     from checkpoints_convert.embedded import default_model_dir
+    from pyrajax.eval import DATA
 
     path = args.checkpoint or default_model_dir()
     on_gpu = jax.default_backend() == "gpu"
     params, cfg = pyrajax.load(path, dtype=jnp.bfloat16 if on_gpu else jnp.float32)
-    tok = pyrajax.get_tokenizer(cfg)
-    prompts = [chat_tokens(tok, p) for p in (args.prompt or DEMO_PROMPTS)]
+    chats = [[{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": p}]
+             for p in (args.prompt or DEMO_PROMPTS)]
+    cases = [("short chat", chats, args.max_new_tokens)]
+    essay = _essay(DATA)
+    if essay is not None and not args.prompt:
+        cases.append(("essay question", [[{"role": "user", "content": essay + ESSAY_QUESTION}]], 48))
     print(f"model: {path} ({cfg.num_layers} layers, {jax.default_backend()})")
     results = {}
     for policy in args.cache:
-        gcfg = pyrajax.GenerationConfig(model=cfg, max_new_tokens=args.max_new_tokens, cache=policy)
-        try:
-            results[policy] = pyrajax.generate(params, prompts, gcfg)
-        except ValueError as e:  # e.g. a budget too small for these lengths: show the others anyway
-            print(f"[{policy}] skipped: {e}")
-    for i, text in enumerate(args.prompt or DEMO_PROMPTS):
-        print(f"\n### {text}")
-        for policy, r in results.items():
-            print(f"[{policy}] {r.texts[i].strip()}")
-    print(f"\n{'policy':>12} {'KV allocated':>14} {'of full':>8} {'live KV at end':>15} {'prefill s':>10} "
-          f"{'decode s':>9} {'tokens':>7}")
-    for policy, r in results.items():
+        for name, prompts, new in cases:
+            gcfg = pyrajax.GenerationConfig(model=cfg, max_new_tokens=new, cache=policy)
+            try:
+                results[policy, name] = pyrajax.generate(params, prompts, gcfg)
+            except ValueError as e:  # e.g. a policy refused for these lengths: show the others anyway
+                print(f"[{policy}] {name} skipped: {e}")
+    for name, prompts, _ in cases:
+        for i, conv in enumerate(prompts):
+            text = conv[-1]["content"]
+            print(f"\n### {name}: {text if len(text) < 200 else text[:80] + ' ... ' + text[-60:]!r}")
+            full = results.get(("full", name))
+            for policy in args.cache:
+                r = results.get((policy, name))
+                if r is not None:
+                    same = " (= full)" if full is not None and policy != "full" and r.tokens[i] == full.tokens[i] else ""
+                    print(f"[{policy}]{same} {r.texts[i].strip()}")
+    print(f"\n{'policy':>12} {'case':>15} {'prompt tok':>10} {'KV allocated':>14} {'of full':>8} "
+          f"{'KV saved':>12} {'compressed':>10} {'prefill s':>10} {'decode s':>9}")
+    for (policy, name), r in results.items():
         s = r.stats
-        print(f"{policy:>12} {_gib(s['kv_bytes']):>14} {s['kv_fraction']:>8.1%} {_gib(s['live_kv_bytes']):>15} "
-              f"{s['prefill_seconds']:>10.2f} {s['decode_seconds']:>9.2f} {s['generated_tokens']:>7}")
-    print("(times include compilation on a first run)")
+        print(f"{policy:>12} {name:>15} {max(s['prompt_tokens']):>10} {_mib(s['kv_bytes']):>14} "
+              f"{s['kv_fraction']:>8.1%} {_mib(s['full_kv_bytes'] - s['kv_bytes']):>12} "
+              f"{str(s['compressed']):>10} {s['prefill_seconds']:>10.2f} {s['decode_seconds']:>9.2f}")
+    print("(times include compilation on a first run; short requests fit under the floor of 256 tokens, so "
+          "compressed policies run them uncompressed and answer exactly as the full cache)")
     return 0
 
 
@@ -95,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="chat answers from the embedded SmolLM2-135M-Instruct, full vs pyramid cache")
     d.add_argument("--checkpoint", help="a converted checkpoint (default: the embedded model, fetched once)")
-    d.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"], help="cache policies")
+    d.add_argument("--cache", nargs="+", default=["full", "budget-256", "h2o-256"], help="cache policies")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--prompt", action="append", help="a user message (repeatable); default: three examples")
     d.set_defaults(run=demo)
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"pyrajax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
