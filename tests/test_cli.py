@@ -5,13 +5,14 @@ from pyrajax.cli import main
 
 
 def test_demo_answers_and_reports_kv(capsys, smol_dir):
-    rc = main(["demo", "--checkpoint", str(smol_dir), "--cache", "full", "paper", "--max-new-tokens", "12",
-               "--prompt", "What is the capital of France?"])
+    rc = main(["demo", "--checkpoint", str(smol_dir), "--cache", "full", "budget-256", "paper",
+               "--max-new-tokens", "12", "--prompt", "What is the capital of France?"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "[full] The capital of France is Paris." in out and "[paper]" in out
+    assert "[full]" in out and "Paris" in out and "[paper]" in out
+    assert "[budget-256] (= full)" in out  # a short chat fits under the floor: the full cache's answer
     table = out[out.index("KV allocated"):]
-    assert "full" in table and "100.0%" in table and "paper" in table
+    assert "full" in table and "100.0%" in table and "budget-256" in table
 
 
 def test_plot_pyramid_writes_png(tmp_path, capsys):
