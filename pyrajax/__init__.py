@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from pyrajax.cache import PyramidConfig, cache_preset
 from pyrajax.config import ModelConfig, preset
-from pyrajax.generate import GenerationConfig, GenerationResult, generate, get_tokenizer, logits
+from pyrajax.generate import GenerationConfig, GenerationResult, extend, generate, get_tokenizer, logits
 from pyrajax.params import Params, random_params
 
 
@@ -24,4 +24,4 @@ def load(path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
 
 
 __all__ = ["GenerationConfig", "GenerationResult", "ModelConfig", "Params", "PyramidConfig", "cache_preset",
-           "generate", "get_tokenizer", "load", "logits", "preset", "random_params"]
+           "extend", "generate", "get_tokenizer", "load", "logits", "preset", "random_params"]
