@@ -49,6 +49,10 @@ class PyramidConfig:
     prune_hidden: True (PyramidInfer) drops the unselected tokens' hidden states, so deeper layers compute and
         cache fewer tokens; False (SnapKV, PyramidKV, H2O, StreamingLLM) runs every prompt token through every
         layer and selects only what each layer's cache keeps, by that layer's own scores.
+    prune_from, propagate: decouple what goes deeper from what is cached (with prune_hidden and budgets).
+        Every token goes through the first round(prune_from * L) layers, and a layer's input is never cut below
+        `propagate` times its own cache; each layer then selects its cache from the tokens that reached it
+        (FastKV-style late pruning). prune_from=0, propagate=1 is PyramidInfer: a layer caches what enters it.
     budget_profile: how the budget is spread over layers: "pyramid" (cosine, high to low), "linear" (PyramidKV)
         or "uniform" (the same budget at every layer). With prune_hidden, layer 0 holds the whole prompt.
     scorer: what a token's importance is. "window": the recency-weighted mean attention of the last W queries
@@ -84,6 +88,8 @@ class PyramidConfig:
     protect_tail: int = 32
     protect_last_turn: int = 64
     prune_hidden: bool = True
+    prune_from: float = 0.0
+    propagate: float = 1.0
     budget_profile: str = "pyramid"
     scorer: str = "window"
     pool_kernel: int = 1
@@ -109,6 +115,11 @@ class PyramidConfig:
         need(isinstance(self.gen_block, int) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
         need(0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
         need(isinstance(self.prune_hidden, bool), "prune_hidden", "must be True or False")
+        need(isinstance(self.prune_from, (int, float)) and 0 <= self.prune_from < 1, "prune_from",
+             "must lie in [0, 1)")
+        need(isinstance(self.propagate, (int, float)) and self.propagate >= 1, "propagate", "must be >= 1")
+        need(not self.decoupled or (self.prune_hidden and self.prefill_schedule == "budget"), "propagate",
+             "decoupled propagation (prune_from > 0 or propagate > 1) needs prune_hidden and prefill_schedule='budget'")
         need(self.budget_profile in ("pyramid", "linear", "uniform"), "budget_profile",
              "must be 'pyramid', 'linear' or 'uniform'")
         need(self.scorer in ("window", "accumulated", "recency"), "scorer",
@@ -174,6 +185,11 @@ class PyramidConfig:
         return max(1, self.budget // 4) if self.budget is not None and not self.budget_is_fraction else 0
 
     @property
+    def decoupled(self) -> bool:
+        """Layers may cache fewer tokens than enter them while pruning hidden states."""
+        return self.prune_from > 0 or self.propagate > 1
+
+    @property
     def protects(self) -> bool:
         """Whether protect masks apply (budget policies only)."""
         return self.prefill_schedule == "budget"
@@ -206,6 +222,10 @@ FAMILIES = {
     "h2o": dict(prune_hidden=False, budget_profile="uniform", scorer="accumulated"),  # H2O
     "snapkv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7),
     "pyramidkv": dict(prune_hidden=False, budget_profile="linear", recency_weight=(1.0, 1.0), pool_kernel=7),
+    # pyrajax's own: still PyramidInfer (deeper layers compute on fewer tokens, chosen by attention), but every
+    # token goes through the first third of the layers, each layer selects its own cache from what reached it
+    # and the budget falls linearly; tokens are scored by their accumulated attention (SPEC section 5).
+    "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="accumulated"),
 }
 
 
@@ -343,18 +363,47 @@ def cosine_prefill_lengths(policy: PyramidConfig, prompt_len: int, num_layers: i
     return out
 
 
+def budget_entering_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, caps: list[int]) -> list[int]:
+    """Prompt tokens entering each layer in prefill under budgets `caps`. Without hidden-state pruning, all of
+    them. With it, never more than the layer above, never fewer than `propagate` times the layer's own cache
+    (what `budget_prefill_lengths` would keep), and all of them above layer round(prune_from * L)."""
+    S, L = prompt_len, len(caps)
+    if not policy.prune_hidden:
+        return [S] * L
+    own = _own_keep(policy, S, max_new, caps)
+    first = max(1, round(policy.prune_from * L))
+    out = [S]
+    for l in range(1, L):
+        want = S if l < first else min(S, math.ceil(policy.propagate * own[l]))
+        out.append(min(out[-1], want))
+    return out
+
+
+def _own_keep(policy: PyramidConfig, prompt_len: int, max_new: int, caps: list[int]) -> list[int]:
+    """Everything where the whole request fits under the layer's budget, else one block of room below it."""
+    S, E = prompt_len, policy.gen_block
+    return [S if c >= S + max_new else min(S, c - E) for c in caps]
+
+
 def budget_prefill_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, caps: list[int]) -> list[int]:
     """Prompt tokens each layer caches after prefill under budgets `caps`: everything where the whole request
-    fits, else one block of room below the budget for generation before the first eviction. With
-    `prune_hidden` these are the tokens entering the layer, so they never grow with depth."""
-    S, E = prompt_len, policy.gen_block
-    own = [S if c >= S + max_new else min(S, c - E) for c in caps]
-    if not policy.prune_hidden:
-        return own
-    out = [S]
-    for n in own[1:]:
-        out.append(min(out[-1], n))
-    return out
+    fits, else one block of room below the budget for generation before the first eviction; with
+    `prune_hidden`, never more than enter the layer (PyramidInfer: exactly those)."""
+    own = _own_keep(policy, prompt_len, max_new, caps)
+    return [min(n, e) for n, e in zip(own, budget_entering_lengths(policy, prompt_len, max_new, caps))]
+
+
+def entering_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
+                     protected: int | None = None) -> list[int]:
+    """Prompt tokens entering each layer in prefill (with prune_hidden the others' hidden states were dropped)."""
+    if policy.prefill_schedule == "budget" and policy.prune_hidden:
+        if protected is None:
+            protected = protected_outside(policy, prompt_len)
+        caps = budget_capacities(policy, prompt_len, max_new, num_layers, protected)
+        return budget_entering_lengths(policy, prompt_len, max_new, caps)
+    if policy.prefill_schedule == "cosine" and policy.prune_hidden:
+        return cosine_prefill_lengths(policy, prompt_len, num_layers)
+    return [prompt_len] * num_layers
 
 
 def reference_capacity(n_prefill: int, prompt_len: int, max_new: int, window: int, block: int, keep: int) -> int:
@@ -433,13 +482,13 @@ def _bucket_lengths(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, 
     """Per layer, the most prefill tokens and slots that any prompt of 1..prompt_bucket tokens needs with
     new_bucket new tokens. (Not just the bucket's own length: with the reference schedule's early stop a
     shorter prompt can keep more tokens in deep layers than a longer one.)"""
-    pre = [0] * num_layers
+    enter = [0] * num_layers
     cap = [0] * num_layers
     for s in range(1, prompt_bucket + 1):
-        p, c, evict, _ = layer_lengths(policy, s, new_bucket, num_layers)
-        pre = [max(a, b) for a, b in zip(pre, p)]
+        _, c, evict, _ = layer_lengths(policy, s, new_bucket, num_layers)
+        enter = [max(a, b) for a, b in zip(enter, entering_lengths(policy, s, new_bucket, num_layers))]
         cap = [max(a, b) for a, b in zip(cap, c)]
-    return pre, cap, evict
+    return enter, cap, evict
 
 
 def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_layers: int,
@@ -450,8 +499,8 @@ def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_la
     enlarge the plan)."""
     pre, cap, evict = _bucket_lengths(policy, prompt_bucket, new_bucket, num_layers)
     for s, t, *protected in requests:
-        p, c, _, _ = layer_lengths(policy, s, t, num_layers, *protected)
-        pre = [max(a, b) for a, b in zip(pre, p)]
+        _, c, _, _ = layer_lengths(policy, s, t, num_layers, *protected)
+        pre = [max(a, b) for a, b in zip(pre, entering_lengths(policy, s, t, num_layers, *protected))]
         cap = [max(a, b) for a, b in zip(cap, c)]
     step = policy.prefill_bucket
     slots = ([min(prompt_bucket, -(-n // step) * step) for n in pre] if policy.prune_hidden
@@ -464,11 +513,13 @@ def make_plan(policy: PyramidConfig, prompt_bucket: int, new_bucket: int, num_la
 @struct.dataclass
 class SeqPlan:
     """Per-sequence schedule, as data. keep[b, l]: prompt tokens of sequence b that layer l caches after
-    prefill (with prune_hidden: the tokens entering layer l); budget[b, l]: its budget at layer l;
+    prefill; enter[b, l]: prompt tokens entering layer l (fewer than the prompt with prune_hidden; equal to
+    keep for PyramidInfer); budget[b, l]: its budget at layer l;
     protect[b, p]: prompt position p of sequence b is never evicted (budget policies)."""
     prompt_len: Int[Array, " B"]
     window: Int[Array, " B"]
     keep: Int[Array, "B L"]
+    enter: Int[Array, "B L"]
     budget: Int[Array, "B L"]
     protect: Bool[Array, "B S"]
 
@@ -488,9 +539,10 @@ def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[i
             raise ValueError(f"request {i}: its protect mask has shape {np.shape(mask)} for a {s}-token prompt")
         fits = s <= plan.prompt_bucket and t <= plan.new_bucket
         if fits:
-            pre, cap, _, budget = layer_lengths(plan.policy, s, t, plan.num_layers,
-                                                protected_outside(plan.policy, s, mask))
-            fits = (all(p <= P for p, P in zip(pre, plan.prefill))
+            protected = protected_outside(plan.policy, s, mask)
+            pre, cap, _, budget = layer_lengths(plan.policy, s, t, plan.num_layers, protected)
+            enter = entering_lengths(plan.policy, s, t, plan.num_layers, protected)
+            fits = (all(p <= P for p, P in zip(enter, plan.prefill))
                     and all(c <= C for c, C in zip(cap, plan.capacity)))
         if not fits:
             raise ValueError(f"request {i} ({s}-token prompt + {t} new tokens) does not fit the plan of its bucket "
@@ -498,10 +550,9 @@ def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[i
                              "make_plan(..., requests=...) covering it")
         if plan.policy.protects:
             pinned[i, :s] = mask
-        rows.append((s, window_size(plan.policy, s), pre, budget))
-    return SeqPlan(prompt_len=np.array([r[0] for r in rows], np.int32), window=np.array([r[1] for r in rows], np.int32),
-                   keep=np.array([r[2] for r in rows], np.int32), budget=np.array([r[3] for r in rows], np.int32),
-                   protect=pinned)
+        rows.append((s, window_size(plan.policy, s), pre, enter, budget))
+    col = lambda j: np.array([r[j] for r in rows], np.int32)
+    return SeqPlan(prompt_len=col(0), window=col(1), keep=col(2), enter=col(3), budget=col(4), protect=pinned)
 
 
 def protected_slots(seq: SeqPlan, pos: Int[Array, "B n"]) -> jax.Array:

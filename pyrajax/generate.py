@@ -133,7 +133,7 @@ def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_row
     if policy.scorer == "recency":
         return pos.astype(jnp.float32)
     if policy.scorer == "accumulated":
-        return accumulated
+        return kvc.pool_scores(accumulated, policy.pool_kernel)
     weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight)
     return kvc.pool_scores(jnp.einsum("bw,bwn->bn", weights, win_rows), policy.pool_kernel)
 
@@ -155,7 +155,8 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         C = plan.capacity[l]
         length = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
         prune = policy.selects_in_prefill and policy.prune_hidden and l + 1 < L  # what enters layer l + 1
-        trim = policy.selects_in_prefill and not policy.prune_hidden  # what layer l's cache keeps
+        # what layer l's cache keeps of the tokens that entered it (PyramidInfer: all of them)
+        trim = policy.selects_in_prefill and (not policy.prune_hidden or policy.decoupled)
         windowed = policy.keeps_rows or ((prune or trim) and policy.scorer == "window")
         win_pos = win_rows = accumulated = None
         if windowed:
@@ -191,7 +192,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
                                  length=jnp.sum(cache_pos >= 0, axis=1).astype(jnp.int32), rows=rows,
                                  acc=None if acc is None else _to_cache_layout(acc, C, 0.0)))
         if prune:
-            idx, pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l + 1], policy.num_sinks,
+            idx, pos = kvc.select_pivotal(scores, pos, seq, seq.enter[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
             x = pivotal_gather(idx, x, pos, impl=impl)[0]
     last = jnp.sum(pos >= 0, axis=1) - 1

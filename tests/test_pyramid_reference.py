@@ -118,7 +118,8 @@ class Reference:
             protect = np.arange(s) >= s - policy.protect_tail
         self.protected = set(np.flatnonzero(protect).tolist()) if policy.prefill_schedule == "budget" else set()
         outside = sum(1 for q in self.protected if q >= policy.num_sinks)
-        self.n_in, _, _, self.budget = kvc.layer_lengths(policy, s, max_new, L, outside)
+        self.n_keep, _, _, self.budget = kvc.layer_lengths(policy, s, max_new, L, outside)
+        self.n_in = kvc.entering_lengths(policy, s, max_new, L, outside)  # tokens entering each layer
         self.gen_keep = kvc.gen_keep_counts(policy, L)
         self.span = s + max_new + 1  # length of the position-indexed attention rows
         self.kv = [None] * L  # per layer: dict(pos=[...], k=[...], v=[...]) in original order
@@ -154,14 +155,15 @@ class Reference:
         pol = self.policy
         if pol.scorer == "recency":
             return pos.astype(np.float64)
+        k = pol.pool_kernel // 2  # SnapKV: max over neighbouring tokens
+        pool = lambda score: np.array([score[max(i - k, 0):i + k + 1].max() for i in range(len(pos))])
         if pol.scorer == "accumulated":  # H2O: head-mean attention summed over every query
-            return probs.mean(axis=0).sum(axis=0)
+            return pool(probs.mean(axis=0).sum(axis=0))
         score = np.zeros(len(pos))
         for w, (_, row) in zip(self._weights(), self.rows_now):
             score += w * row[pos]
         score /= self.W
-        k = pol.pool_kernel // 2  # SnapKV: max over neighbouring tokens
-        return np.array([score[max(i - k, 0):i + k + 1].max() for i in range(len(pos))])
+        return pool(score)
 
     def _select(self, score, pos, count):
         """Indices (into the current tokens) of sinks + window + the `count` best in all, in order."""
@@ -192,8 +194,10 @@ class Reference:
             self.rows[l] = list(self.rows_now)
             selecting = pol.prefill_schedule != "none"
             score = self._prefill_scores(probs, pos) if selecting else None
-            keep = (self._select(score, pos, self.n_in[l]) if selecting and not pol.prune_hidden
-                    else list(range(n)))  # without hidden-state pruning, only this layer's cache is cut
+            # Without hidden-state pruning, only this layer's cache is cut; with decoupled propagation the layer
+            # also selects its cache among the tokens that reached it (PyramidInfer: it caches all of them).
+            keep = (self._select(score, pos, self.n_keep[l]) if selecting and len(pos) > self.n_keep[l]
+                    else list(range(n)))
             cached.append(pos[keep])
             self.kv[l] = dict(pos=list(pos[keep]), k=list(k[keep]), v=list(v[keep]))
             if pol.scorer == "accumulated":
@@ -330,6 +334,13 @@ POLICIES = {
     "h2o+mask": PyramidConfig(name="hm", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
                               gen_block=4, recent_ratio=0.1, **kvc.FAMILIES["h2o"]),
 }
+# Decoupled propagation: late pruning (pyrajax's pyramid family) and a propagated set larger than the cache.
+POLICIES["pyramid"] = PyramidConfig(name="py", prefill_schedule="budget", gen_rule="budget", budget=0.5,
+                                    min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.1,
+                                    **kvc.FAMILIES["pyramid"])
+POLICIES["propagate"] = PyramidConfig(name="pp", prefill_schedule="budget", gen_rule="budget", budget=0.5,
+                                      min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.1, propagate=1.5,
+                                      pool_kernel=3)
 MASKED = ("budget+mask", "h2o+mask")  # explicit protect masks: ~15% of each prompt's positions at random
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
@@ -337,7 +348,8 @@ STEPS = 40
 # for h6kv3-L5 (a selection margin of 4e-5) and seed 2 for h4kv1-L4 (a greedy top-2 gap of 3e-6) were not.
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 # Per policy where the model's seed gave a greedy top-2 gap below MIN_MARGIN (3.9e-5 and 1.2e-5).
-SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5", "budget+mask"): 4}
+SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5", "budget+mask"): 4,
+                   ("h6kv3-L5", "pyramid"): 4}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
