@@ -101,7 +101,7 @@ def test_item3_prefill_that_overflows_the_budget_is_refused(kw):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_item3_prefill_keep_fits_every_layer(family):
-    for budget in ("0.3", "0.45", "0.9", "64", "512"):
+    for budget in ("0.3", "0.45", "0.9", "128", "512"):
         policy = cache_preset(f"{family}-{budget}:min_tokens=0")
         for s in (1, 5, 37, 100, 511, 1000):
             for t in (1, 16, 256):
