@@ -11,8 +11,9 @@ from pyrajax.cache import FAMILIES, PyramidConfig, make_plan
 from pyrajax.eval import INSTRUCTION, NEEDLE, QUESTION, agreement, compare, needle_prompts, perplexity
 from tests.conftest import SHARED_DATA
 
+# protect_tail=0: on these 48-token prompts a protected tail would count inside the budget and exceed it
 TINY_BUDGET = PyramidConfig(name="b", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
-                            recent_ratio=0.1)
+                            recent_ratio=0.1, protect_tail=0)
 CTX, CONT = 48, 24
 
 
@@ -42,7 +43,7 @@ def test_full_perplexity_equals_logits_loss(tiny, stream):
 
 
 FAMILY_POLICIES = [PyramidConfig(name=f, prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0, gen_block=4,
-                                  recent_ratio=0.1, **FAMILIES[f]) for f in FAMILIES if f != "budget"]
+                                  recent_ratio=0.1, protect_tail=0, **FAMILIES[f]) for f in FAMILIES if f != "budget"]
 
 
 @pytest.mark.parametrize("policy", ["paper", TINY_BUDGET, *FAMILY_POLICIES],
@@ -107,14 +108,128 @@ def test_eval_cli_appends_policies(smol_dir, tmp_path):
     out = tmp_path / "eval.json"
     common = ["--checkpoint", str(smol_dir), "--text", str(text), "--tasks", "ppl", "--context", "64",
               "--continuation", "16", "--max-chunks", "2", "--batch", "2", "--out", str(out)]
-    # 64 + 16 tokens fit under the default floor: min_tokens=0 lets the budgets bite
-    assert main(common + ["--policies", "full", "h2o-0.7:min_tokens=0"]) == 0
-    assert main(common + ["--append", "--policies", "streaming-0.7:num_sinks=8,min_tokens=0"]) == 0
+    # 64 + 16 tokens fit under the default floor: min_tokens=0 lets the budgets bite (and protect_tail=0 keeps a
+    # protected tail, which counts inside the budget, from exceeding it on such short prompts)
+    assert main(common + ["--policies", "full", "h2o-0.7:min_tokens=0,protect_tail=0"]) == 0
+    assert main(common + ["--append", "--policies", "streaming-0.7:num_sinks=8,min_tokens=0,protect_tail=0"]) == 0
     res = json.loads(out.read_text())
-    names = ["full", "h2o-0.7:min_tokens=0", "streaming-0.7:num_sinks=8,min_tokens=0"]
+    names = ["full", "h2o-0.7:min_tokens=0,protect_tail=0", "streaming-0.7:num_sinks=8,min_tokens=0,protect_tail=0"]
     assert list(res["results"]) == names and len(res["runs"]) == 2
     assert res["results"][names[2]]["config"]["num_sinks"] == 8
     assert all(r["ppl"]["kv_fraction"] <= (r["config"]["budget"] or 1.0) for r in res["results"].values())
     assert res["results"][names[1]]["ppl"]["kv_fraction"] < 1.0
     assert out.with_suffix(".png").stat().st_size > 0
     assert family("streaming-0.7:num_sinks=8") == "streaming:num_sinks=8" and family("h2o-0.45") == "h2o"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quality grid
+
+def test_prefill_flops():
+    from pyrajax.eval import prefill_flops, prefill_flops_fraction
+    cfg = pyrajax.preset("smollm2-135m")
+    assert prefill_flops_fraction(cfg, "full", 2048) == 1.0
+    # PyramidInfer prunes hidden states: deeper layers process fewer tokens
+    assert prefill_flops_fraction(cfg, "budget-0.45", 2048) < 0.8
+    assert prefill_flops_fraction(cfg, "paper", 2048) < 1.0
+    # the others run the whole prompt through every layer, plus their scoring
+    assert prefill_flops_fraction(cfg, "streaming-0.45", 2048) == 1.0  # recency: nothing to score
+    for name in ("snapkv-0.45", "pyramidkv-0.45", "h2o-0.45"):
+        assert 1.0 < prefill_flops_fraction(cfg, name, 2048) < 1.3, name
+    # under the floor nothing is compressed: the full cache's programs run
+    assert prefill_flops_fraction(cfg, "budget-0.45", 100, max_new=50) == 1.0
+    # the full cache's count, written out: weights and the attention square per layer, then the LM head
+    tiny = pyrajax.preset("tiny")
+    D, F, H, K, hd, n = tiny.dim, tiny.ffn_dim, tiny.num_heads, tiny.num_kv_heads, tiny.head_dim, 100
+    per_layer = 2 * n * (D * (H + 2 * K) * hd + H * hd * D + 3 * D * F) + 4 * n * n * hd * H
+    assert prefill_flops(tiny, "full", n) == tiny.num_layers * per_layer + 2 * D * tiny.vocab_size
+
+
+def test_grid_deadline_judges_by_the_last_row_of_the_task():
+    import time
+    from pyrajax.eval import _too_late
+    rows = {("full", "needle"): dict(task="needle", seconds=30.0),
+            ("full", "ppl-512"): dict(task="ppl-512", seconds=1.0)}
+    now = time.monotonic()
+    assert not _too_late(rows, "needle", now, None)
+    assert _too_late(rows, "needle", now, 40.0)  # 30 s * 1.1 + 15 s margin
+    assert not _too_late(rows, "ppl-512", now, 40.0)
+    assert not _too_late(rows, "chat-exact", now, 40.0)  # never measured: it starts while there is time
+    assert _too_late(rows, "chat-exact", now - 30, 40.0)  # but nothing starts in the last 15 s
+
+
+ROW_KEYS = {"policy": str, "family": str, "budget": (float, int), "task": str, "length": int, "score": float,
+            "higher_is_better": bool, "kv_fraction": float, "prefill_flops_fraction": float, "n": int}
+
+
+def test_grid_smoke_writes_rows_and_plots(smol_dir, tmp_path):
+    """`pyrajax eval grid --smoke` end to end (the first 2 layers of the real model, 2 RULER samples at 512
+    tokens in both protocols, 2 chat prompts, short perplexity, one needle): the JSON has the required row
+    shape, one PNG per task, and --append recomputes only what is missing."""
+    import json
+    from pyrajax.eval import grid_main
+    if not (SHARED_DATA / "paul-graham-essays").is_dir():
+        pytest.skip(f"shared evaluation data not found at {SHARED_DATA}")
+    text = tmp_path / "text.txt"
+    text.write_text((SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:6000])
+    out = tmp_path / "quality.json"
+    common = ["--smoke", "--checkpoint", str(smol_dir), "--text", str(text), "--out", str(out), "--quiet"]
+    assert grid_main(common + ["--tasks", "ppl", "ruler", "chat", "needle"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["env"]["complete"] and doc["env"]["platform"] == "cpu"
+    rows = {(r["policy"], r["task"]): r for r in doc["rows"]}
+    tasks = ["ppl-128", "ruler-aware", "ruler-agnostic", "chat-exact", "needle"]
+    assert set(rows) == {(p, t) for p in ("full", "budget-0.45") for t in tasks}
+    for r in doc["rows"]:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(r[key], kind), (r["policy"], r["task"], key, r[key])
+        assert r["higher_is_better"] == (r["task"] != "ppl-128")
+        assert 0 < r["kv_fraction"] <= 1.0 and r["kv_bytes"] > 0
+        assert r["task"] == "ppl-128" or 0 <= r["score"] <= 100
+    for t in tasks:
+        assert rows[("full", t)]["kv_fraction"] == 1.0 and rows[("full", t)]["prefill_flops_fraction"] == 1.0
+        assert (tmp_path / f"quality-{t}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for t in ("ruler-aware", "ruler-agnostic", "needle"):  # 512-token prompts: the budget bites
+        assert rows[("budget-0.45", t)]["kv_fraction"] < 0.8
+        assert rows[("budget-0.45", t)]["prefill_flops_fraction"] < 1.0
+    aware = rows[("budget-0.45", "ruler-aware")]
+    assert aware["n"] == 4 and set(aware["cells"]) == {"niah_single_1", "vt"}
+    assert set(aware["cells"]["vt"]) == {"512"} and len(aware["cells"]["vt"]["512"]["scores"]) == 2
+    # chat prompts fit under the floor: the policy runs the full cache's programs and matches it
+    chat = rows[("budget-0.45", "chat-exact")]
+    assert chat["score"] == 100.0 and chat["kv_fraction"] == 1.0 and chat["compressed_requests"] == 0
+
+    # resume: a missing row is computed, the others are kept as they were
+    doc["rows"] = [r for r in doc["rows"] if (r["policy"], r["task"]) != ("budget-0.45", "chat-exact")]
+    out.write_text(json.dumps(doc))
+    assert grid_main(common + ["--append", "--tasks", "chat", "--no-plots"]) == 0
+    again = json.loads(out.read_text())
+    assert len(again["env"]["runs"]) == 2 and len(again["rows"]) == len(rows)
+    kept = {(r["policy"], r["task"]): r["seconds"] for r in again["rows"]}
+    assert all(kept[k] == r["seconds"] for k, r in rows.items() if k != ("budget-0.45", "chat-exact"))
+    assert ("budget-0.45", "chat-exact") in kept
+
+
+def test_ruler_protocols_of_the_full_cache_equal_one_prompt(smol):
+    """Under the full cache, the query-agnostic protocol (context prefilled, then the question forced through
+    decode steps as a suffix) answers exactly as the one-turn prompt context + question does, and the
+    query-aware protocol exactly as generating from its prompt directly."""
+    from pyrajax.generate import GenerationConfig, bucket, generate
+    from pyrajax.eval import ruler_eval
+    from pyrajax.tasks.ruler import ESSAYS_DIR, ruler_samples
+    if not any(ESSAYS_DIR.glob("*.txt")):
+        pytest.skip(f"no essays in {ESSAYS_DIR}")
+    params, cfg = smol
+    tok = pyrajax.get_tokenizer(cfg)
+    samples = ruler_samples(tok, "niah_single_1", 512, 2, seed=0)
+    new = 8
+    agnostic = ruler_eval(params, cfg, samples, "full", "agnostic", new, batch=2, progress=False)
+    # Generating as many tokens as the agnostic run's question + answer gives the one-prompt run the same
+    # cache shapes (programs compile once); its first `new` tokens are the answer to compare.
+    T = bucket(max(len(s["question_ids"]) for s in samples) + new, 16)
+    gcfg = GenerationConfig(model=cfg, max_new_tokens=T)
+    one = generate(params, [s["context_ids"] + s["question_ids"] for s in samples], gcfg)
+    assert agnostic["tokens"] == [t[:new] for t in one.tokens]
+    assert all(t.startswith("The special magic number") for t in agnostic["texts"])  # real answers
+    aware = ruler_eval(params, cfg, samples, "full", "aware", T, batch=2, progress=False)
+    assert aware["tokens"] == generate(params, [s["aware_ids"] for s in samples], gcfg).tokens
