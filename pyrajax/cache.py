@@ -49,6 +49,8 @@ class PyramidConfig:
     prune_hidden: True (PyramidInfer) drops the unselected tokens' hidden states, so deeper layers compute and
         cache fewer tokens; False (SnapKV, PyramidKV, H2O, StreamingLLM) runs every prompt token through every
         layer and selects only what each layer's cache keeps, by that layer's own scores.
+    observe: with the "window" scorer, only the last `observe` queries' attention scores (None: the whole window;
+        1: the newest query alone, as TOVA). The window of kept tokens stays 20% of the prompt.
     prune_from, propagate: decouple what goes deeper from what is cached (with prune_hidden and budgets).
         Every token goes through the first round(prune_from * L) layers, and a layer's input is never cut below
         `propagate` times its own cache; each layer then selects its cache from the tokens that reached it
@@ -93,6 +95,7 @@ class PyramidConfig:
     budget_profile: str = "pyramid"
     scorer: str = "window"
     pool_kernel: int = 1
+    observe: int | None = None
     length_bucket: int = 8
     # Slots entering each layer in prefill are rounded up to a multiple of this (the extra slots are empty):
     # few distinct matmul shapes compile (and autotune) far faster than one per layer.
@@ -126,6 +129,8 @@ class PyramidConfig:
              "must be 'window', 'accumulated' or 'recency'")
         need(isinstance(self.pool_kernel, int) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
              "pool_kernel", "must be an odd int >= 1")
+        need(self.observe is None or (isinstance(self.observe, int) and self.observe >= 1), "observe",
+             "must be None or an int >= 1")
         for f in ("length_bucket", "prefill_bucket"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an int >= 1")
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
@@ -226,6 +231,8 @@ FAMILIES = {
     # token goes through the first third of the layers, each layer selects its own cache from what reached it
     # and the budget falls linearly; tokens are scored by their accumulated attention (SPEC section 5).
     "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="accumulated"),
+    # TOVA: the newest query's head-averaged attention decides (here in blocks of gen_block, like every family)
+    "tova": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), observe=1),
 }
 
 
@@ -593,9 +600,12 @@ def kv_bytes(cache: KVCache) -> list[int]:
 # Scoring and selection (the window attention rows come from pallas_kernels.score_reduction.window_rows)
 
 def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window: Int[Array, " B"],
-                    weight: tuple[float, float]) -> Float[Array, "B W"]:
-    """Row weights: linear from weight[0] (oldest window query) to weight[1] (newest), zero outside each
-    sequence's window; divided by the window so that the weighted sum is the weighted mean over rows."""
+                    weight: tuple[float, float], observe: int | None = None) -> Float[Array, "B W"]:
+    """Row weights: linear from weight[0] (oldest observed query) to weight[1] (newest), zero outside each
+    sequence's last min(window, observe) queries; divided by their count so that the weighted sum is the
+    weighted mean over rows."""
+    if observe is not None:
+        window = jnp.minimum(window, observe)
     age = newest[:, None] - row_pos
     span = jnp.maximum(window - 1, 1)[:, None].astype(jnp.float32)
     w = weight[1] - (weight[1] - weight[0]) * age.astype(jnp.float32) / span

@@ -134,7 +134,7 @@ def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_row
         return pos.astype(jnp.float32)
     if policy.scorer == "accumulated":
         return kvc.pool_scores(accumulated, policy.pool_kernel)
-    weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight)
+    weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight, policy.observe)
     return kvc.pool_scores(jnp.einsum("bw,bwn->bn", weights, win_rows), policy.pool_kernel)
 
 
@@ -226,7 +226,7 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
 
     def run():
         if policy.scorer == "window":
-            weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight)
+            weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight, policy.observe)
         out = []
         for i, l in enumerate(todo):
             lc = layers[l]

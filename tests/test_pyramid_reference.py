@@ -137,7 +137,11 @@ class Reference:
         return row
 
     def _weights(self):
-        return np.linspace(self.policy.recency_weight[0], self.policy.recency_weight[1], self.W)
+        """Per window row (oldest first): linear over the last `observe` rows (all W by default), 0 before."""
+        O = min(self.W, self.policy.observe or self.W)
+        w = np.zeros(self.W)
+        w[self.W - O:] = np.linspace(self.policy.recency_weight[0], self.policy.recency_weight[1], O)
+        return w
 
     def _record_margin(self, kept_scores, dropped_scores):
         """Relative gap at the cut. Max-pooling (SnapKV) copies one value to its neighbours, so the cut may fall
@@ -162,7 +166,7 @@ class Reference:
         score = np.zeros(len(pos))
         for w, (_, row) in zip(self._weights(), self.rows_now):
             score += w * row[pos]
-        score /= self.W
+        score /= min(self.W, pol.observe or self.W)
         return pool(score)
 
     def _select(self, score, pos, count):
@@ -216,7 +220,7 @@ class Reference:
         score = np.zeros(self.span)
         for w, (_, row) in zip(self._weights(), rows):
             score += w * row
-        return score / self.W
+        return score / min(self.W, self.policy.observe or self.W)
 
     def _drop(self, l, drop):
         kv = self.kv[l]
@@ -341,6 +345,11 @@ POLICIES["pyramid"] = PyramidConfig(name="py", prefill_schedule="budget", gen_ru
 POLICIES["propagate"] = PyramidConfig(name="pp", prefill_schedule="budget", gen_rule="budget", budget=0.5,
                                       min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.1, propagate=1.5,
                                       pool_kernel=3)
+# Scorer options: TOVA (the newest query alone) and a short observation window with hidden-state pruning.
+POLICIES["tova"] = PyramidConfig(name="tv", prefill_schedule="budget", gen_rule="budget", budget=0.6, min_tokens=0,
+                                 protect_tail=0, gen_block=4, recent_ratio=0.1, **kvc.FAMILIES["tova"])
+POLICIES["observe"] = PyramidConfig(name="ob", prefill_schedule="budget", gen_rule="budget", budget=0.5,
+                                    min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.2, observe=3)
 MASKED = ("budget+mask", "h2o+mask")  # explicit protect masks: ~15% of each prompt's positions at random
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
@@ -349,7 +358,7 @@ STEPS = 40
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 # Per policy where the model's seed gave a greedy top-2 gap below MIN_MARGIN (3.9e-5 and 1.2e-5).
 SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5", "budget+mask"): 4,
-                   ("h6kv3-L5", "pyramid"): 4}
+                   ("h6kv3-L5", "pyramid"): 4, ("h4kv2-L3", "tova"): 4}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
