@@ -627,7 +627,7 @@ def _row_tasks(args) -> list[str]:
         elif task == "ppl-long":
             names += [f"ppl-{n}" for n in args.ppl_long_lengths]
         elif task == "ruler":
-            names += [f"ruler-{p}" for p in RULER_PROTOCOLS]
+            names += [f"ruler-{p}" for p in args.ruler_protocols]
         else:
             names.append({"chat": "chat-exact"}.get(task, task))
     if len(set(names)) != len(names):
@@ -803,6 +803,8 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ruler-lengths", nargs="+", type=int)
     ap.add_argument("--ruler-tasks", nargs="+", help="RULER tasks (default: all of pyrajax.tasks.ruler.RULER_TASKS)")
     ap.add_argument("--ruler-n", type=int, help="samples per (task, length)")
+    ap.add_argument("--ruler-protocols", nargs="+", choices=RULER_PROTOCOLS, default=list(RULER_PROTOCOLS),
+                    help="query-aware (question in the prompt) and/or query-agnostic (asked after compression)")
     ap.add_argument("--ruler-new-tokens", type=int,
                     help="generation budget of every RULER request (0: RULER's own, 128 niah and 30 vt)")
     ap.add_argument("--ruler-calibration", type=float, default=80.0,
