@@ -310,7 +310,7 @@ def protected_outside(policy: PyramidConfig, prompt_len: int, mask=None) -> int:
     if not policy.protects:
         return 0
     if mask is None:
-        return max(0, prompt_len - max(prompt_len - policy.protect_tail, policy.num_sinks))
+        mask = default_protect(policy, prompt_len)
     return int(np.sum(np.asarray(mask)[policy.num_sinks:]))
 
 
