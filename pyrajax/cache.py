@@ -51,6 +51,13 @@ class PyramidConfig:
         layer and selects only what each layer's cache keeps, by that layer's own scores.
     observe: with the "window" scorer, only the last `observe` queries' attention scores (None: the whole window;
         1: the newest query alone, as TOVA). The window of kept tokens stays 20% of the prompt.
+    window_reduce: how the "window" scorer combines its observed queries: "mean" (recency-weighted, the
+        reference) or "max" (a token needed by any one query counts: a needle the question attends to).
+    value_weighted: multiply attention scores by the token's value norm (head-averaged ||v||, VATP): a token
+        attended to but contributing nearly nothing to the output is a cheap one to drop.
+    gen_scorer: the scorer of generation-phase eviction when it should differ from the prefill's (None: the
+        same), e.g. window scores to choose the prompt's tokens and accumulated attention to evict during
+        decoding (the strongest for language modelling, SPEC section 5).
     prune_from, propagate: decouple what goes deeper from what is cached (with prune_hidden and budgets).
         Every token goes through the first round(prune_from * L) layers, and a layer's input is never cut below
         `propagate` times its own cache; each layer then selects its cache from the tokens that reached it
@@ -96,6 +103,9 @@ class PyramidConfig:
     scorer: str = "window"
     pool_kernel: int = 1
     observe: int | None = None
+    window_reduce: str = "mean"
+    value_weighted: bool = False
+    gen_scorer: str | None = None
     length_bucket: int = 8
     # Slots entering each layer in prefill are rounded up to a multiple of this (the extra slots are empty):
     # few distinct matmul shapes compile (and autotune) far faster than one per layer.
@@ -127,6 +137,12 @@ class PyramidConfig:
              "must be 'pyramid', 'linear' or 'uniform'")
         need(self.scorer in ("window", "accumulated", "recency"), "scorer",
              "must be 'window', 'accumulated' or 'recency'")
+        need(self.gen_scorer in (None, "window", "accumulated", "recency"), "gen_scorer",
+             "must be None (the prefill's scorer), 'window', 'accumulated' or 'recency'")
+        need(self.window_reduce in ("mean", "max"), "window_reduce", "must be 'mean' or 'max'")
+        need(isinstance(self.value_weighted, bool), "value_weighted", "must be True or False")
+        need(not self.value_weighted or "recency" not in (self.scorer, self.decode_scorer), "value_weighted",
+             "weights attention scores: it needs the 'window' or 'accumulated' scorer, not 'recency'")
         need(isinstance(self.pool_kernel, int) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
              "pool_kernel", "must be an odd int >= 1")
         need(self.observe is None or (isinstance(self.observe, int) and self.observe >= 1), "observe",
@@ -204,14 +220,19 @@ class PyramidConfig:
         return self.prefill_schedule != "none"
 
     @property
+    def decode_scorer(self) -> str:
+        """The scorer of generation-phase eviction."""
+        return self.gen_scorer or self.scorer
+
+    @property
     def keeps_rows(self) -> bool:
         """Generation scores with the ring of the last W attention rows."""
-        return self.gen_rule != "none" and self.scorer == "window"
+        return self.gen_rule != "none" and self.decode_scorer == "window"
 
     @property
     def keeps_accumulated(self) -> bool:
         """Generation scores with each slot's attention summed over every query so far."""
-        return self.gen_rule != "none" and self.scorer == "accumulated"
+        return self.gen_rule != "none" and self.decode_scorer == "accumulated"
 
     @classmethod
     def full(cls) -> "PyramidConfig":
@@ -628,6 +649,19 @@ def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: Seq
     idx = order % n
     new_pos = jnp.where(order < n, jnp.take_along_axis(pos, idx, axis=1), -1)
     return idx, new_pos
+
+
+def window_scores(weights: Float[Array, "B W"], rows: Float[Array, "B W n"], reduce: str) -> Float[Array, "B n"]:
+    """Combine the observed queries' attention rows: their weighted mean (weights from `recency_weights`), or
+    their maximum over the rows of nonzero weight."""
+    if reduce == "mean":
+        return jnp.einsum("bw,bwn->bn", weights, rows)
+    return jnp.max(jnp.where(weights[:, :, None] > 0, rows, 0.0), axis=1)
+
+
+def value_norms(v: Float[Array, "B K n hd"]) -> Float[Array, "B n"]:
+    """Each slot's value norm, averaged over KV heads, in float32 (value-aware scores)."""
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1)), axis=1)
 
 
 def pool_scores(scores: Float[Array, "B n"], kernel: int) -> Float[Array, "B n"]:

@@ -160,7 +160,7 @@ def prefill_flops(cfg: ModelConfig, policy, prompt_len: int, max_new: int = 256,
         trim = policy.selects_in_prefill and (not policy.prune_hidden or policy.decoupled)
         if policy.keeps_rows or ((prune or trim) and policy.scorer == "window"):
             total += 2 * W * D * H * hd + 2 * W * nl * hd * H
-        if policy.scorer == "accumulated" and (prune or trim or policy.keeps_accumulated):
+        if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
             total += 2 * nl * nl * hd * H
     return float(total)
 

@@ -128,14 +128,19 @@ def _accumulated_scores(q, k, pos, impl: str, chunk: int = 512):
     return total
 
 
-def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_rows, accumulated):
-    """One importance score per token slot [B, n] under the policy's scorer (higher = keep)."""
+def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_rows, accumulated, v):
+    """One importance score per token slot [B, n] under the policy's prefill scorer (higher = keep)."""
     if policy.scorer == "recency":
         return pos.astype(jnp.float32)
     if policy.scorer == "accumulated":
-        return kvc.pool_scores(accumulated, policy.pool_kernel)
-    weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight, policy.observe)
-    return kvc.pool_scores(jnp.einsum("bw,bwn->bn", weights, win_rows), policy.pool_kernel)
+        scores = accumulated
+    else:
+        weights = kvc.recency_weights(win_pos, seq.prompt_len - 1, seq.window, policy.recency_weight,
+                                      policy.observe)
+        scores = kvc.window_scores(weights, win_rows, policy.window_reduce)
+    if policy.value_weighted:
+        scores = scores * kvc.value_norms(v.swapaxes(1, 2))
+    return kvc.pool_scores(scores, policy.pool_kernel)
 
 
 def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig,
@@ -162,7 +167,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         if windowed:
             q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
         q, k, v = qkv(lp, x, pos, cfg)
-        if policy.scorer == "accumulated" and (prune or trim or policy.keeps_accumulated):
+        if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
             accumulated = _accumulated_scores(q, k, pos, impl)
         x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
         if windowed:
@@ -171,7 +176,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)
         if prune or trim:
-            scores = _selection_scores(policy, pos, seq, win_pos, win_rows, accumulated)
+            scores = _selection_scores(policy, pos, seq, win_pos, win_rows, accumulated, v)
         rows = (jnp.take_along_axis(win_rows, ring_src[:, :, None], axis=1) if policy.keeps_rows else None)
         acc = accumulated if policy.keeps_accumulated else None
         cache_pos = pos
@@ -225,7 +230,8 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
     trigger = trigger & live[:, None]
 
     def run():
-        if policy.scorer == "window":
+        scorer = policy.decode_scorer
+        if scorer == "window":
             weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight, policy.observe)
         out = []
         for i, l in enumerate(todo):
@@ -237,9 +243,11 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
             else:  # anything but sinks, the window and protected prompt tokens may go
                 candidate = (used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
                              & ~kvc.protected_slots(seq, lc.pos))
-            scores = (jnp.einsum("bw,bwc->bc", weights, lc.rows) if policy.scorer == "window"
-                      else lc.acc if policy.scorer == "accumulated"
+            scores = (kvc.window_scores(weights, lc.rows, policy.window_reduce) if scorer == "window"
+                      else lc.acc if scorer == "accumulated"
                       else lc.pos.astype(jnp.float32))  # "recency": the oldest go first
+            if policy.value_weighted:  # one pass over the values, on eviction steps only
+                scores = scores * kvc.value_norms(lc.v)
             out.append(kvc.evict(lc, scores, candidate, trigger[:, i], plan.evict[l]))
         return tuple(out)
 

@@ -154,7 +154,21 @@ class Reference:
                 b = min(others, key=lambda v: abs(v - a)) if others else 0.0
             self.margins.append(abs(a - b) / max(abs(a), 1e-300))
 
-    def _prefill_scores(self, probs, pos):
+    def _combine(self, rows, at):
+        """The window scorer over buffered rows (oldest first), read at positions `at`: the recency-weighted
+        mean of the observed rows, or their maximum."""
+        weights = self._weights()
+        if self.policy.window_reduce == "max":
+            return np.max([row[at] for w, (_, row) in zip(weights, rows) if w > 0], axis=0)
+        score = sum(w * row[at] for w, (_, row) in zip(weights, rows))
+        return score / min(self.W, self.policy.observe or self.W)
+
+    @staticmethod
+    def _value_norm(v):
+        """Per token, ||v|| averaged over KV heads (v [n, K, hd])."""
+        return np.linalg.norm(np.asarray(v), axis=-1).mean(axis=-1)
+
+    def _prefill_scores(self, probs, pos, v):
         """The policy's score of each current token (index order) after a prefill layer."""
         pol = self.policy
         if pol.scorer == "recency":
@@ -162,11 +176,11 @@ class Reference:
         k = pol.pool_kernel // 2  # SnapKV: max over neighbouring tokens
         pool = lambda score: np.array([score[max(i - k, 0):i + k + 1].max() for i in range(len(pos))])
         if pol.scorer == "accumulated":  # H2O: head-mean attention summed over every query
-            return pool(probs.mean(axis=0).sum(axis=0))
-        score = np.zeros(len(pos))
-        for w, (_, row) in zip(self._weights(), self.rows_now):
-            score += w * row[pos]
-        score /= min(self.W, pol.observe or self.W)
+            score = probs.mean(axis=0).sum(axis=0)
+        else:
+            score = self._combine(self.rows_now, pos)
+        if pol.value_weighted:  # VATP: attention times the value's norm
+            score = score * self._value_norm(v)
         return pool(score)
 
     def _select(self, score, pos, count):
@@ -197,14 +211,14 @@ class Reference:
             self.rows_now = [(int(pos[i]), self._row(probs[:, i, :], pos)) for i in range(n - W, n)]
             self.rows[l] = list(self.rows_now)
             selecting = pol.prefill_schedule != "none"
-            score = self._prefill_scores(probs, pos) if selecting else None
+            score = self._prefill_scores(probs, pos, v) if selecting else None
             # Without hidden-state pruning, only this layer's cache is cut; with decoupled propagation the layer
             # also selects its cache among the tokens that reached it (PyramidInfer: it caches all of them).
             keep = (self._select(score, pos, self.n_keep[l]) if selecting and len(pos) > self.n_keep[l]
                     else list(range(n)))
             cached.append(pos[keep])
             self.kv[l] = dict(pos=list(pos[keep]), k=list(k[keep]), v=list(v[keep]))
-            if pol.scorer == "accumulated":
+            if pol.decode_scorer == "accumulated":
                 self.acc[l] = {int(q): a for q, a in zip(pos, probs.mean(axis=0).sum(axis=0))}
             if pol.prune_hidden and selecting and l + 1 < cfg.num_layers:
                 keep = self._select(score, pos, self.n_in[l + 1])
@@ -217,10 +231,7 @@ class Reference:
         """Recency-weighted mean of layer l's buffered rows (queries p-W .. p-1), indexed by position."""
         rows = self.rows[l]
         assert [qp for qp, _ in rows] == list(range(p - self.W, p)), "the row buffer must hold the last W queries"
-        score = np.zeros(self.span)
-        for w, (_, row) in zip(self._weights(), rows):
-            score += w * row
-        return score / min(self.W, self.policy.observe or self.W)
+        return self._combine(rows, slice(None))
 
     def _drop(self, l, drop):
         kv = self.kv[l]
@@ -228,12 +239,26 @@ class Reference:
         self.kv[l] = {name: [kv[name][i] for i in keep] for name in kv}
         self.gen_evictions += 1
 
+    def _gen_scores(self, l, p):
+        """Layer l's generation-phase score of every position under the policy's decode scorer."""
+        pol = self.policy
+        if pol.decode_scorer == "window":
+            score = self._buffer_scores(l, p)
+        elif pol.decode_scorer == "accumulated":
+            score = np.zeros(self.span)
+            score[list(self.acc[l])] = list(self.acc[l].values())
+        else:
+            score = np.arange(self.span, dtype=np.float64)
+        if pol.value_weighted:
+            score[self.kv[l]["pos"]] *= self._value_norm(self.kv[l]["v"])
+        return score
+
     def _evict(self, l, p, cut_block):
         pol, E = self.policy, self.policy.gen_block
         held = self.kv[l]["pos"]
         if pol.gen_rule == "reference" and cut_block:
             block = [q for q in held if self.next_block <= q < self.next_block + E]
-            score = self._buffer_scores(l, p)
+            score = self._gen_scores(l, p)
             ranked = sorted(block, key=lambda q: -score[q])
             kept, dropped = ranked[:self.gen_keep[l]], ranked[self.gen_keep[l]:]
             if dropped:
@@ -242,13 +267,7 @@ class Reference:
         elif pol.gen_rule == "budget" and len(held) >= self.budget[l]:
             # Neither sinks nor the W most recent positions (p-W+1 .. p, the new token included) may go.
             cand = [q for q in held if q >= pol.num_sinks and q <= p - self.W and q not in self.protected]
-            if pol.scorer == "window":
-                score = self._buffer_scores(l, p)
-            elif pol.scorer == "accumulated":
-                score = np.zeros(self.span)
-                score[list(self.acc[l])] = list(self.acc[l].values())
-            else:
-                score = np.arange(self.span, dtype=np.float64)
+            score = self._gen_scores(l, p)
             ranked = sorted(cand, key=lambda q: score[q])
             dropped, kept = ranked[:E], ranked[E:]
             assert len(dropped) == E
@@ -350,6 +369,18 @@ POLICIES["tova"] = PyramidConfig(name="tv", prefill_schedule="budget", gen_rule=
                                  protect_tail=0, gen_block=4, recent_ratio=0.1, **kvc.FAMILIES["tova"])
 POLICIES["observe"] = PyramidConfig(name="ob", prefill_schedule="budget", gen_rule="budget", budget=0.5,
                                     min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.2, observe=3)
+# Stronger scorers (the best-policy issue): max over the observed queries, value-aware scores, and window
+# scores in prefill with accumulated attention for decode eviction, with and without hidden-state pruning.
+POLICIES["max+value"] = PyramidConfig(name="mv", prefill_schedule="budget", gen_rule="budget", budget=0.5,
+                                      min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.2, observe=4,
+                                      window_reduce="max", value_weighted=True)
+POLICIES["window->acc"] = PyramidConfig(name="wa", prefill_schedule="budget", gen_rule="budget", budget=0.5,
+                                        min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.1,
+                                        prune_from=0.3, pool_kernel=3, gen_scorer="accumulated")
+POLICIES["snap->acc+value"] = PyramidConfig(name="sa", prefill_schedule="budget", gen_rule="budget", budget=0.6,
+                                            min_tokens=0, protect_tail=0, gen_block=4, recent_ratio=0.1,
+                                            **{**kvc.FAMILIES["snapkv"], "gen_scorer": "accumulated",
+                                               "value_weighted": True, "window_reduce": "max"})
 MASKED = ("budget+mask", "h2o+mask")  # explicit protect masks: ~15% of each prompt's positions at random
 PROMPT_LENS = (37, 64, 90)
 STEPS = 40
@@ -358,7 +389,8 @@ STEPS = 40
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3, "h4kv1-L4": 1}
 # Per policy where the model's seed gave a greedy top-2 gap below MIN_MARGIN (3.9e-5 and 1.2e-5).
 SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5", "budget+mask"): 4,
-                   ("h6kv3-L5", "pyramid"): 4, ("h4kv2-L3", "tova"): 4}
+                   ("h6kv3-L5", "pyramid"): 4, ("h4kv2-L3", "tova"): 4,
+                   ("h4kv1-L4", "window->acc"): 4, ("h6kv3-L5", "max+value"): 4}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
@@ -395,7 +427,7 @@ def test_engine_keeps_the_reference_tokens(model_name, policy_name):
                 + margin_note(refs[b]))
     if not policy.prune_hidden:  # the kept tokens' accumulated scores travel with them
         for lc in cache.layers:
-            assert (lc.acc is not None) == (policy.scorer == "accumulated")
+            assert (lc.acc is not None) == (policy.decode_scorer == "accumulated")
     pruned = [l for l in range(L) for b in range(B) if len(ref_out[b][0][l]) < PROMPT_LENS[b]]
     assert pruned, "no layer was pruned in prefill: the comparison would be vacuous"
 
