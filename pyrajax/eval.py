@@ -43,6 +43,7 @@ import bisect
 import dataclasses
 import functools
 import json
+import os
 import platform
 import random
 import re
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         return grid_main(argv[1:])
     args = parser().parse_args(argv)
     path = Path(args.checkpoint or default_model_dir())
+    if args.workers > 1:  # this process holds the device too: leave room for the workers (read at backend start)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (args.workers + 1):.3f}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     params, cfg = pyrajax.load(path, dtype=dtype)
@@ -833,7 +836,80 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNGs of --out and print its table")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (one line per row still)")
     ap.add_argument("--commit", help="the commit to record where the machine's git history is missing or stale")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="policies evaluated at once, each in its own process sharing the device (compiling "
+                         "dominates a small model's grid, and compiles run in parallel)")
     return ap
+
+
+# Options a worker process gets from the parent itself, not from the parent's command line.
+_PARENT_ONLY = {"--workers": 1, "--policies": None, "--families": None, "--fractions": None,
+                "--token-budgets": None, "--out": 1, "--deadline": 1, "--append": 0, "--no-plots": 0, "--quiet": 0}
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The parent's options minus those in `_PARENT_ONLY` (None: every value up to the next option)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag not in _PARENT_ONLY:
+            out.append(argv[i])
+            i += 1
+            continue
+        take = _PARENT_ONLY[flag]
+        i += 1
+        if "=" in argv[i - 1]:
+            continue
+        if take is None:
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        else:
+            i += take
+    return out
+
+
+def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, started: float, deadline: float | None,
+                 workers: int, write) -> list[str]:
+    """Evaluate each policy of `names` in its own `pyrajax eval grid --policies <name> --append` process, at most
+    `workers` at once, in order. Each starts from a copy of `out` (the full cache's chat answers are reused where
+    they are already there; else a worker generates them with the same full-cache programs its floored chat
+    requests compile anyway) and its rows are merged back as it ends; calibration by the full cache's RULER
+    cells happens at the merge. Returns the policies not started before the deadline."""
+    tmp = out.parent / f".{out.stem}-workers"
+    tmp.mkdir(exist_ok=True)
+    write()  # the rows so far, for the workers to start from
+    base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet"]
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (workers + 1):.3f}")
+    queue, running, slowest = list(names), {}, 0.0
+    while queue or running:
+        while queue and len(running) < workers:
+            left = None if deadline is None else deadline - (time.monotonic() - started)
+            if left is not None and left < 1.2 * slowest + 30:
+                print(f"deadline: {len(queue)} policies not started: {' '.join(queue)}", flush=True)
+                return queue
+            name = queue.pop(0)
+            path = tmp / f"{len(running)}-{abs(hash(name))}.json"
+            path.write_text(out.read_text())
+            cmd = base + ["--policies", name, "--out", str(path)] + ([] if left is None else ["--deadline", str(left)])
+            log = open(path.with_suffix(".log"), "w")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path, log,
+                             time.monotonic())
+        time.sleep(2.0)
+        for name, (proc, path, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            slowest = max(slowest, time.monotonic() - t0)
+            got = [r for r in json.loads(path.read_text())["rows"] if r["policy"] == name] if path.exists() else []
+            for r in got:
+                rows.pop((name, r["task"]), None)
+                rows[(name, r["task"])] = r
+            print(f"[worker {name}] exit {proc.returncode}, {len(got)} rows, {time.monotonic() - t0:.0f} s"
+                  + ("" if proc.returncode == 0 else f": see {path.with_suffix('.log')}"), flush=True)
+            write()
+    return []
 
 
 def _too_late(rows: dict, task: str, started: float, deadline: float | None, margin: float = 15.0) -> bool:
@@ -858,6 +934,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     from pyrajax.tasks.ruler import RULER_TASKS
 
     started = time.monotonic()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = grid_parser().parse_args(argv)
     for k, v in (SMOKE if args.smoke else GRID_DEFAULTS).items():
         if getattr(args, k) is None:
@@ -869,6 +946,8 @@ def grid_main(argv: list[str] | None = None) -> int:
         print("wrote", *map(str, plot_grid(rows, out)))
         print(grid_table(rows))
         return 0
+    if args.workers > 1:  # this process holds the device too: leave room for the workers (read at backend start)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (args.workers + 1):.3f}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     params, cfg = pyrajax.load(path, dtype=dtype)
@@ -918,6 +997,9 @@ def grid_main(argv: list[str] | None = None) -> int:
           f"{len(names)} policies x {len(tasks)} tasks -> {out}")
 
     left, stopped = 0, False
+    if args.workers > 1:  # every policy with a row to (re)do in a worker process, full first among them
+        todo = lambda n: any(rows.get((n, t), {}).get("settings") != _task_settings(t, args, data) for t in tasks)
+        rest, names = [n for n in names if todo(n)], []
     for name in names:
         for task in tasks:
             settings = _task_settings(task, args, data)
@@ -940,6 +1022,10 @@ def grid_main(argv: list[str] | None = None) -> int:
             _write(out, env, rows, args.ruler_calibration)
             print(f"[{name} {task}] {row.get('score', float('nan')):.3f} at KV {row.get('kv_fraction', 1):.3f}, "
                   f"{row['seconds']:.1f} s", flush=True)
+    if args.workers > 1 and not stopped:
+        not_started = _run_workers(argv, rest, rows, out, started, args.deadline, args.workers,
+                                   lambda: _write(out, env, rows, args.ruler_calibration))
+        stopped, left = bool(not_started), len(not_started) * len(tasks)
     env["complete"] = not stopped
     _write(out, env, rows, args.ruler_calibration)
     pngs = [] if args.no_plots else plot_grid(list(rows.values()), out)

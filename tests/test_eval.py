@@ -233,3 +233,27 @@ def test_ruler_protocols_of_the_full_cache_equal_one_prompt(smol):
     assert all(t.startswith("The special magic number") for t in agnostic["texts"])  # real answers
     aware = ruler_eval(params, cfg, samples, "full", "aware", T, batch=2, progress=False)
     assert aware["tokens"] == generate(params, [s["aware_ids"] for s in samples], gcfg).tokens
+
+
+def test_worker_argv_drops_what_the_parent_sets():
+    from pyrajax.eval import _worker_argv
+    argv = ["--tasks", "ppl", "chat", "--policies", "h2o-0.45", "budget-0.45:recency_weight=(1.0,1.0)",
+            "--workers", "4", "--out", "x.json", "--deadline=100", "--append", "--ruler-n", "3", "--quiet"]
+    assert _worker_argv(argv) == ["--tasks", "ppl", "chat", "--ruler-n", "3"]
+
+
+def test_pyramid_sweep_ranks_by_rank_sum():
+    from bench import pyramid_sweep as sw
+    budgets = ["0.45", "256"]
+    rows = [dict(policy="full", task="ppl-2048", score=10.0), dict(policy="full", task="ppl-512", score=20.0),
+            dict(policy="full", task="ruler-aware", score=100.0)]
+    # "snap" is best on every metric, "acc" second; "snap+v" lacks a row and is not ranked
+    quality = {"snap": (10.1, 20.2, 90.0), "acc": (10.3, 20.4, 60.0), "snap+v": (10.0, 20.0, 99.0)}
+    for v, (p2, p5, ra) in quality.items():
+        for b in budgets:
+            for task, s in (("ppl-2048", p2), ("ppl-512", p5), ("ruler-aware", ra)):
+                if not (v == "snap+v" and b == "256" and task == "ppl-512"):
+                    rows.append(dict(policy=sw.policy_name(v, b), task=task, score=s))
+    ranked = sw.rank(rows, budgets)
+    assert [v for v, _, _ in ranked] == ["snap", "acc"]
+    assert ranked[0][1] == 0 and ranked[1][1] == 6 and ranked[0][2] == 90.0
