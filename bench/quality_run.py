@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = pyramid_sweep.policies(SWEEP_BUDGETS)
     first = [p for b in SWEEP_BUDGETS for p in families_at([b]) + [s for s in sweep if f"-{b}:" in s]]
-    subprocess.run(grid + ["--deadline", left(), "--policies", *first], check=False)
+    subprocess.run(grid + ["--append", "--deadline", left(), "--policies", *first], check=False)
     pick = subprocess.run([sys.executable, "-m", "bench.pyramid_sweep", "pick", "--grid", args.out, "--budgets",
                            *SWEEP_BUDGETS], capture_output=True, text=True)
     chosen = pick.stdout.strip()

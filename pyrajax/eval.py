@@ -839,6 +839,7 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=1,
                     help="policies evaluated at once, each in its own process sharing the device (compiling "
                          "dominates a small model's grid, and compiles run in parallel)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --workers child: its policies only
     return ap
 
 
@@ -878,7 +879,8 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
     tmp = out.parent / f".{out.stem}-workers"
     tmp.mkdir(exist_ok=True)
     write()  # the rows so far, for the workers to start from
-    base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet"]
+    base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet",
+            "--worker"]
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (workers + 1):.3f}")
     queue, running, slowest = list(names), {}, 0.0
@@ -958,7 +960,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     if tok is None:
         print(f"pyrajax eval grid: error: {path} has no tokenizer", file=sys.stderr)
         return 2
-    names = list(dict.fromkeys(["full"] + (args.policies or grid_policies(args.families, args.fractions,
+    names = list(dict.fromkeys(([] if args.worker else ["full"]) + (args.policies or grid_policies(args.families, args.fractions,
                                                                           args.token_budgets))))
     try:
         tasks = _row_tasks(args)
