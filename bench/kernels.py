@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/kernels.py [--iters 50] [--small]
 
 For each case: the Pallas result vs the jnp reference on the GPU, the median time of the Pallas and XLA paths,
-the bytes a kernel must move (and FLOPs where they matter), and the achieved bandwidth against the 3.0 TB/s
-copy ceiling of SPEC §3. Writes JSON to $OUT/kernels-<device>.json when $OUT is set, else
+the bytes a kernel must move (and FLOPs where they matter), and the achieved bandwidth against the copy
+ceiling measured at the start (`bench.ceilings`: copy bandwidth and bf16 matmul rate, both in the JSON). Writes JSON to $OUT/kernels-<device>.json when $OUT is set, else
 bench/results/kernels-<device>.json, and prints a table last. A case that fails (e.g. a Triton compile error)
 is recorded with its error and the run goes on. --small runs tiny shapes (a CPU smoke test, interpret mode).
 """
@@ -29,14 +29,13 @@ import jaxlib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ceilings import measure as measure_ceilings  # noqa: E402
 from pallas_kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                              decode_block_sizes)
 from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference  # noqa: E402
 from pallas_kernels.score_reduction import (score_reduction, score_reduction_reference,  # noqa: E402
                                             window_rows, window_rows_reference)
 
-PEAK_BW = 3.0e12     # measured H100 copy ceiling (read + write), SPEC §3
-PEAK_FLOPS = 798e12  # measured H100 bf16 matmul
 BF16 = jnp.bfloat16
 
 
@@ -137,7 +136,7 @@ def cases(small: bool):
                gather_case(32, 512, 460, 4096), gather_case(32, 512, 460, 4096, K=32)])
 
 
-def run_case(case, iters):
+def run_case(case, iters, ceilings):
     row = dict(name=case["name"], config=case["config"], bytes=case["bytes"], flops=case["flops"])
     try:
         pallas = jax.jit(functools.partial(case["fn"], impl="pallas"))
@@ -148,12 +147,13 @@ def run_case(case, iters):
             t = timed(fn, case["args"], iters)
             row[f"{impl}_us"] = t * 1e6
             row[f"{impl}_TBps"] = case["bytes"] / t / 1e12
-            row[f"{impl}_frac_peak_bw"] = case["bytes"] / t / PEAK_BW
+            row[f"{impl}_frac_peak_bw"] = case["bytes"] / t / ceilings["copy_bytes_per_second"]
             if case["flops"]:
                 row[f"{impl}_TFLOPs"] = case["flops"] / t / 1e12
         row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
         # Lower bound from the two ceilings: the kernel can't beat max(bytes / BW, flops / peak).
-        row["roofline_us"] = max(case["bytes"] / PEAK_BW, case["flops"] / PEAK_FLOPS) * 1e6
+        row["roofline_us"] = max(case["bytes"] / ceilings["copy_bytes_per_second"],
+                                 case["flops"] / ceilings["matmul_flops_per_second"]) * 1e6
     except Exception as e:  # keep going: the lead wants every figure a run can give
         row.update(ok=False, error=f"{type(e).__name__}: {e}"[:4000], traceback=traceback.format_exc()[-4000:])
     return row
@@ -175,16 +175,17 @@ def main():
                     help="only decode attention, 7B shape at batch 32, full caches of these slot counts")
     opts = ap.parse_args()
     dev = jax.devices()[0]
+    ceilings = measure_ceilings()
     rows = []
     todo = ([decode_case(32, 32, 32, C, C) for C in opts.decode_capacities] if opts.decode_capacities
             else cases(opts.small))
     for case in todo:
-        rows.append(run_case(case, opts.iters))
+        rows.append(run_case(case, opts.iters, ceilings))
         print(f"done: {case['name']}", file=sys.stderr, flush=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", dev.device_kind).strip("-")
     report = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, jaxlib=jaxlib.__version__,
-                  python=platform.python_version(), git_commit=git_commit(), peak_bw=PEAK_BW,
-                  peak_flops=PEAK_FLOPS, iters=opts.iters, results=rows)
+                  python=platform.python_version(), git_commit=git_commit(), ceilings=ceilings,
+                  iters=opts.iters, results=rows)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{'decode-capacity-' if opts.decode_capacities else ''}{device}.json"

@@ -6,7 +6,8 @@ Weights are created on the device (bf16); every token is forced (no stop ids), s
 batch x new tokens. The first call of each policy compiles (reported as compile seconds, never inside the
 timings); the next `--repeat` calls are timed and the median reported. Throughput counts generated tokens over
 wall time including prefill. The roofline of a decode step reads every weight and every live KV byte once at
-3.0 TB/s; prefill at the measured 798 TFLOP/s bf16 matmul rate (SPEC section 3).
+the device's copy bandwidth; prefill runs at its bf16 matmul rate. Both are measured when the run starts
+(`bench.ceilings`, a few seconds) and recorded in the JSON: no device's numbers are assumed.
 
 Peak memory (`peak_bytes_in_use` of device.memory_stats(); None where the backend keeps no stats, e.g. CPU)
 is a process-lifetime high-water mark that cannot be reset. So when more than one (cache, impl) run is asked
@@ -34,11 +35,10 @@ import jaxlib
 import numpy as np
 
 import pyrajax
+from bench import ceilings as device_ceilings
 from pyrajax.generate import GenerationConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
-COPY_BW = 3.0e12
-MATMUL_FLOPS = 798e12
 
 
 def env_info() -> dict:
@@ -54,16 +54,17 @@ def peak_memory() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def roofline(cfg, params_bytes: int, batch: int, prompt: int, new: int, stats: dict) -> dict:
-    """Ideal seconds: prefill matmul FLOPs at the matmul rate + decode steps reading weights and the mean live
-    KV (the average of the lengths after prefill and at the end, per layer) at copy bandwidth."""
+def roofline(cfg, params_bytes: int, batch: int, prompt: int, new: int, stats: dict, ceilings: dict) -> dict:
+    """Ideal seconds: prefill matmul FLOPs at the measured matmul rate + decode steps reading weights and the
+    mean live KV (the average of the lengths after prefill and at the end, per layer) at the measured copy
+    bandwidth (`ceilings`, from `bench.ceilings.measure`)."""
     n_params = params_bytes / 2
     prefill_flops = 2 * n_params * batch * prompt
     per_token = cfg.kv_bytes_per_token_layer(2)
     kv_start = sum(sum(l) for l in stats["lengths_after_prefill"]) * per_token
     kv_end = sum(sum(l) for l in stats["lengths_at_end"]) * per_token
-    decode_s = (new - 1) * (params_bytes + (kv_start + kv_end) / 2) / COPY_BW
-    prefill_s = prefill_flops / MATMUL_FLOPS
+    decode_s = (new - 1) * (params_bytes + (kv_start + kv_end) / 2) / ceilings["copy_bytes_per_second"]
+    prefill_s = prefill_flops / ceilings["matmul_flops_per_second"]
     return dict(prefill_seconds=prefill_s, decode_seconds=decode_s,
                 tokens_per_second=batch * new / (prefill_s + decode_s))
 
@@ -108,18 +109,21 @@ def run_in_process(args) -> dict:
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
+    ceilings = device_ceilings.measure()
     rows = []
     for cache in args.cache:
         for impl in args.impl:
             row = run_policy(params, cfg, prompts, args.new, cache, impl, args.repeat)
-            row["roofline"] = roofline(cfg, params_bytes, args.batch, args.prompt, args.new, row.pop("_stats"))
+            row["roofline"] = roofline(cfg, params_bytes, args.batch, args.prompt, args.new, row.pop("_stats"),
+                                       ceilings)
+            row["ceilings"] = ceilings
             row["fraction_of_roofline"] = row["tokens_per_second"] / row["roofline"]["tokens_per_second"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
     env = env_info()
     env["commit"] = args.commit or env["commit"]
     return dict(env, benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
-                new=args.new, params_bytes=params_bytes, runs=rows)
+                new=args.new, params_bytes=params_bytes, ceilings=ceilings, runs=rows)
 
 
 def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
