@@ -250,8 +250,11 @@ FAMILIES = {
     "pyramidkv": dict(prune_hidden=False, budget_profile="linear", recency_weight=(1.0, 1.0), pool_kernel=7),
     # pyrajax's own: still PyramidInfer (deeper layers compute on fewer tokens, chosen by attention), but every
     # token goes through the first third of the layers, each layer selects its own cache from what reached it
-    # and the budget falls linearly; tokens are scored by their accumulated attention (SPEC section 5).
-    "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="accumulated"),
+    # and the budget falls linearly. The prompt's tokens are chosen by the attention of its last 32 queries,
+    # pooled over 7 keys (SnapKV's scorer); decode evicts by accumulated attention (H2O's, the strongest for
+    # language modelling). The settings won `bench.pyramid_sweep`'s ablation (variant "snap+acc"; SPEC §5).
+    "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="window", observe=32, pool_kernel=7,
+                    recency_weight=(1.0, 1.0), gen_scorer="accumulated"),
     # TOVA: the newest query's head-averaged attention decides (here in blocks of gen_block, like every family)
     "tova": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), observe=1),
 }
