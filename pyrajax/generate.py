@@ -60,7 +60,7 @@ class GenerationConfig:
                        stop_ids=validate.stop_ids(self.stop_ids, V))
         for field, value in checked.items():
             object.__setattr__(self, field, value)
-        if self.impl not in ("auto", "pallas", "xla"):
+        if self.impl not in validate.IMPLS:
             raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {self.impl!r}")
         validate.tokenizer(self.tokenizer)
         if not isinstance(self.cache, (str, PyramidConfig)):

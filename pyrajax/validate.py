@@ -7,6 +7,7 @@ taken for an int, a nested list is never flattened. Numpy integers count as ints
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
           "float32": np.dtype(np.float32)}
+IMPLS = ("auto", "pallas", "xla")  # kernel implementations (auto: Pallas on GPU)
 SEED_LIMIT = 2**32  # seeds key a Threefry-2x32 counter: one uint32
 PROMPT_KINDS = "a list of token ids, a string or a chat conversation (a list of {'role', 'content'} dicts)"
 
@@ -179,3 +181,38 @@ def tokenizer(value) -> None:
                              "checkpoint's tokenizer/) or a transformers tokenizer")
     elif value is not None and not (callable(getattr(value, "encode", None)) and callable(getattr(value, "decode", None))):
         raise ValueError(f"tokenizer must be a transformers tokenizer or a tokenizer directory, got {describe(value)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command-line argument types (argparse `type=`): a bad value gets argparse's usage line and this message.
+
+def cli_int(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; it must be >= {low}")
+        return value
+    return parse
+
+
+def cli_cache(text: str) -> str:
+    """An argparse type: a cache policy name that `cache_preset` accepts (checked before any model loads)."""
+    from pyrajax.cache import cache_preset
+    try:
+        cache_preset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def cli_dtype(text: str) -> str:
+    """An argparse type: a weight dtype name."""
+    try:
+        dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -302,3 +302,25 @@ def test_extend_refuses_float_tokens(params):
 def test_reported_cases(params, prompts, kw, match):
     with pytest.raises(ValueError, match=match):
         generate(params, prompts, GenerationConfig(model=CFG, **kw))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines: bad counts, policies and dtypes are refused while parsing, before any model loads.
+
+@pytest.mark.parametrize("argv,expect", [
+    (["plot-pyramid", "--layers", "0"], "argument --layers: 0 is too small; it must be >= 1"),
+    (["plot-pyramid", "--prompt-len", "1.5"], "argument --prompt-len: '1.5' is not an int"),
+    (["demo", "--cache", "budget-2.0"], "argument --cache: PyramidConfig.budget=2.0 is invalid"),
+    (["bench", "throughput", "--new", "1"], "argument --new: 1 is too small; it must be >= 2"),
+    (["bench", "sweep", "--cache", "full", "h2o"], "argument --cache: unknown cache preset 'h2o'"),
+    (["bench", "parity", "--dtype", "int8"], "argument --dtype: unknown dtype 'int8'"),
+    (["bench", "longrun", "--batches", "0"], "argument --batches: 0 is too small"),
+])
+def test_command_line_arguments(capsys, argv, expect):
+    from pyrajax.cli import main
+    try:
+        status = main(argv)
+    except SystemExit as e:  # `pyrajax bench` hands over to the benchmark's own parser
+        status = e.code
+    assert status == 2
+    assert expect in capsys.readouterr().err
