@@ -44,9 +44,10 @@ class ModelConfig:
         if self.bos_id is not None:
             object.__setattr__(self, "bos_id", validate.integer(self.bos_id, "ModelConfig.bos_id"))
         object.__setattr__(self, "pad_id", validate.integer(self.pad_id, "ModelConfig.pad_id"))
-        if validate.is_int(self.eos_ids) or not isinstance(self.eos_ids, (list, tuple)):
+        if not isinstance(self.eos_ids, (list, tuple)):
             raise ValueError(f"ModelConfig.eos_ids must be a tuple of ints, got {validate.describe(self.eos_ids)}")
-        object.__setattr__(self, "eos_ids", tuple(validate.integer(e, "ModelConfig.eos_ids[]") for e in self.eos_ids))
+        object.__setattr__(self, "eos_ids", tuple(validate.integer(e, f"ModelConfig.eos_ids[{j}]")
+                                                  for j, e in enumerate(self.eos_ids)))
 
     @property
     def q_per_kv(self) -> int:
