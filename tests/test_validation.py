@@ -198,7 +198,7 @@ def test_generation_config_settings(kw, wild):
 
 
 def test_sampling_at_the_edges_generates(params):
-    for kw in [dict(temperature=1.0, top_k=V), dict(temperature=0.5, top_k=1, top_p=0.3), dict(temperature=2, seed=2**32 - 1)]:
+    for kw in [dict(temperature=1.0, top_k=V), dict(temperature=2, top_k=1, top_p=0.3, seed=2**32 - 1)]:
         r = generate(params, [[1, 2, 3]], GenerationConfig(model=CFG, max_new_tokens=3, stop_ids=(), **kw))
         assert len(r.tokens[0]) == 3 and all(is_token(t) for t in r.tokens[0])
 
