@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 import pyrajax
+from bench.throughput import env_info
 from pyrajax import validate
 from pyrajax.generate import TRACE_COUNTS
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         name = path.name
     report = long_run(params, cfg, args.calls, args.cache, args.prompt_lens, args.batches, args.new,
                       args.rss_slack, log=lambda m: print(m, file=sys.stderr, flush=True))
-    report.update(model=name, backend=jax.default_backend())
+    report.update(env_info(), model=name)
     out = args.out or Path(os.environ.get("OUT") or "bench/results") / f"longrun-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
