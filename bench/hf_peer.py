@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # pyrajax (for the presets) imports jax: keep it off the GPU
 import pyrajax  # noqa: E402
 from bench.throughput import add_workload_args  # noqa: E402
+from pyrajax.validate import cli_int  # noqa: E402
 
 MODES = ("eager", "static-compile")
 
@@ -132,8 +133,8 @@ def main(argv=None) -> int:
     add_workload_args(ap)
     ap.add_argument("--mode", default="eager", choices=MODES)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: eager 1, compile 2)")
-    ap.add_argument("--repeat", type=int, default=2, help="timed calls; the median is reported")
+    ap.add_argument("--warmup", type=cli_int(0), default=None, help="untimed calls first (default: eager 1, compile 2)")
+    ap.add_argument("--repeat", type=cli_int(1), default=2, help="timed calls; the median is reported")
     ap.add_argument("--timeout", type=float, default=0, help="seconds before giving up (status 'timeout'); 0: none")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
     ap.add_argument("--cpu-compile", action="store_true", help="run static-compile off-GPU too (smoke test, slow)")

@@ -35,6 +35,7 @@ from pallas_kernels.decode_attention import (decode_attention, decode_attention_
 from pallas_kernels.gather import pivotal_gather, pivotal_gather_reference  # noqa: E402
 from pallas_kernels.score_reduction import (score_reduction, score_reduction_reference,  # noqa: E402
                                             window_rows, window_rows_reference)
+from pyrajax.validate import cli_int  # noqa: E402
 
 BF16 = jnp.bfloat16
 
@@ -169,7 +170,7 @@ def git_commit():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--iters", type=cli_int(1), default=50)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--decode-capacities", type=int, nargs="+",
                     help="only decode attention, 7B shape at batch 32, full caches of these slot counts")

@@ -16,14 +16,15 @@ import numpy as np
 
 import pyrajax
 from bench.throughput import env_info
+from pyrajax.validate import cli_cache, cli_dtype, cli_int
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--new", type=int, default=48)
-    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.7"])
+    ap.add_argument("--model", default="tiny", choices=sorted(pyrajax.config.PRESETS))
+    ap.add_argument("--dtype", type=cli_dtype, default="float32")
+    ap.add_argument("--new", type=cli_int(1), default=48)
+    ap.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "paper", "budget-0.7"])
     args = ap.parse_args(argv)
     cfg = pyrajax.preset(args.model)
     params = pyrajax.random_params(jax.random.key(0), cfg, jnp.dtype(args.dtype), scale=0.25)

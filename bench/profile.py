@@ -38,6 +38,7 @@ import numpy as np
 
 import pyrajax
 from bench.throughput import add_workload_args, env_info
+from pyrajax.validate import cli_int
 from pyrajax import cache as kvc
 from pyrajax.generate import GenerationConfig, _decode_program, _prefill_program, bucket
 
@@ -355,8 +356,8 @@ def main(argv=None) -> int:
     add_workload_args(ap)
     ap.add_argument("--runs", nargs="+", default=["full:1", "budget-0.45:1", "full:32", "budget-0.45:32"],
                     help="cache:batch[:impl]")
-    ap.add_argument("--steps", type=int, default=0, help="decode steps per run (default: new - 1)")
-    ap.add_argument("--repeat", type=int, default=3, help="untraced timed runs (median)")
+    ap.add_argument("--steps", type=cli_int(0), default=0, help="decode steps per run (default: new - 1)")
+    ap.add_argument("--repeat", type=cli_int(1), default=3, help="untraced timed runs (median)")
     ap.add_argument("--save-hlo", action="store_true", help="write each run's optimized HLO (gzip) beside the JSON")
     ap.add_argument("--reanalyze", metavar="JSON", help="only recompute the attribution of a saved profile")
     ap.add_argument("--out", default=None)

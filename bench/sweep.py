@@ -33,6 +33,7 @@ CHILD_ENV = dict(os.environ)  # the children get the GPU; this process only need
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pyrajax  # noqa: E402
 from pyrajax.generate import bucket  # noqa: E402
+from pyrajax.validate import IMPLS, cli_cache, cli_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemoryError|CUDA_ERROR_OUT_OF_MEMORY|"
@@ -121,16 +122,16 @@ def env_of(rows: list[dict], peers: list[dict], commit: str | None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama2-7b", choices=sorted(pyrajax.config.PRESETS))
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--cache", nargs="*", default=["full", "paper", "budget-0.45"])
-    ap.add_argument("--impl", default="auto")
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64, 128, 256, 512, 1024])
-    ap.add_argument("--bisect", type=int, default=2, help="batches tried between the last fit and the first OOM")
-    ap.add_argument("--repeat", type=int, default=1, help="timed calls per throughput run")
+    ap.add_argument("--prompt", type=cli_int(1), default=512)
+    ap.add_argument("--new", type=cli_int(2), default=256)
+    ap.add_argument("--cache", nargs="*", type=cli_cache, default=["full", "paper", "budget-0.45"])
+    ap.add_argument("--impl", choices=IMPLS, default="auto")
+    ap.add_argument("--batches", nargs="+", type=cli_int(1), default=[1, 8, 32, 64, 128, 256, 512, 1024])
+    ap.add_argument("--bisect", type=cli_int(0), default=2, help="batches tried between the last fit and the first OOM")
+    ap.add_argument("--repeat", type=cli_int(1), default=1, help="timed calls per throughput run")
+    ap.add_argument("--peer-batch", type=cli_int(1), default=32, help="the reference batch of peers and ratios")
     ap.add_argument("--peers", nargs="*", default=["eager", "static-compile"])
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--peer-batch", type=int, default=32, help="the reference batch of peers and ratios")
     ap.add_argument("--peer-device", default="cuda")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per throughput process")
     ap.add_argument("--peer-timeout", type=float, default=540, help="seconds per peer process")

@@ -37,6 +37,7 @@ import numpy as np
 import pyrajax
 from bench import ceilings as device_ceilings
 from pyrajax.generate import GenerationConfig, generate
+from pyrajax.validate import IMPLS, cli_cache, cli_int
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,9 +97,9 @@ def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: in
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
     """The workload every benchmark shares (the paper's Table 1 setup by default)."""
     ap.add_argument("--model", default="llama2-7b", choices=sorted(pyrajax.config.PRESETS))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batch", type=cli_int(1), default=32)
+    ap.add_argument("--prompt", type=cli_int(1), default=512)
+    ap.add_argument("--new", type=cli_int(2), default=256, help="new tokens (>= 2: decode steps are timed)")
 
 
 def run_in_process(args) -> dict:
@@ -149,9 +150,9 @@ def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
-    ap.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
-    ap.add_argument("--impl", nargs="+", default=["auto"])
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "paper", "budget-0.45"])
+    ap.add_argument("--impl", nargs="+", choices=IMPLS, default=["auto"])
+    ap.add_argument("--repeat", type=cli_int(1), default=2)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
     ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
     args = ap.parse_args(argv)

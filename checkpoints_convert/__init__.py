@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from pyrajax.config import ModelConfig
-from pyrajax.params import LAYER_FIELDS, LayerParams, Params, expected_shapes, save_checkpoint
+from pyrajax import validate
+from pyrajax.params import LAYER_FIELDS, LayerParams, Params, expected_shapes, nonfinite, save_checkpoint
 
-DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+DTYPES = validate.DTYPES
 SUPPORTED = ("an HF LLaMA directory (config.json + model*.safetensors or pytorch_model*.bin), "
              "a Meta LLaMA-2 directory (params.json + consolidated.NN.pth) or a llama .gguf file")
 
@@ -84,7 +84,17 @@ def _convert_one(src: Source, field: str, name: str, shape: tuple[int, ...], dty
         w = interleaved_to_half(w, src.cfg.num_heads if field == "wq" else src.cfg.num_kv_heads)
     if w.ndim == 2 and field != "embed":
         w = w.T
-    return np.ascontiguousarray(w.astype(dtype))
+    bad = nonfinite(w)
+    if bad:
+        raise ConversionError(f"weight {name!r} of {src.description} holds {bad}; the source is damaged, "
+                              "re-download it (pyrajax refuses non-finite weights: they make every logit NaN)")
+    with np.errstate(over="ignore"):  # an overflow is reported below, with the weight's name
+        out = np.ascontiguousarray(w.astype(dtype))
+    bad = nonfinite(out)
+    if bad:
+        raise ConversionError(f"weight {name!r} of {src.description} does not fit {np.dtype(dtype).name}: "
+                              f"casting it gives {bad}; convert with --dtype bfloat16 or float32")
+    return out
 
 
 def build_params(src: Source, dtype, progress: bool = True) -> Params:
@@ -100,6 +110,10 @@ def build_params(src: Source, dtype, progress: bool = True) -> Params:
     tied_lm_head = cfg.tie_embeddings and lm_name in src.loaders
     extra = sorted(set(src.loaders) - set(names.values()) - {lm_name if tied_lm_head else None})
     extra = [n for n in extra if not src.ignored(n)]
+    beyond = [n for n in extra if any(n == t.format(i=cfg.num_layers) for t in src.layer_keys.values())]
+    if beyond:
+        raise ConversionError(f"{src.description} holds weights of more layers than its config's {cfg.num_layers}, "
+                              f"e.g. {beyond[0]!r}; the config does not describe these weights, fix its layer count")
     if extra:
         raise ConversionError(f"{src.description} has {len(extra)} weight(s) a plain LLaMA does not use, e.g. "
                               f"{extra[0]!r}; only the plain LLaMA architecture is supported")
@@ -141,15 +155,17 @@ def open_source(src: str | Path) -> Source:
 def convert(src: str | Path, dst: str | Path, dtype: str = "bfloat16", force: bool = False,
             progress: bool = True) -> Path:
     """Convert `src` into a pyrajax checkpoint at `dst`. Raises ConversionError; a failure leaves no `dst`."""
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    try:
+        dtype = validate.dtype(dtype)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     dst = Path(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists; pass --force to overwrite it")
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst} is a file, not a checkpoint directory; remove it or pick another DST")
     source = open_source(src)
-    params = build_params(source, DTYPES[dtype], progress=progress)
+    params = build_params(source, dtype, progress=progress)
     with tempfile.TemporaryDirectory(prefix="pyrajax-tok-") as tmp:
         tok_dir = None
         if source.tokenizer is not None:

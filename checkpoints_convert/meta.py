@@ -50,6 +50,17 @@ def _shards(src: Path) -> list[Path]:
     return paths
 
 
+def _check_shard_set(src: Path, shards: list[dict], dim: int) -> None:
+    """The shards' embedding slices add up to the model's width: a set missing its last shards is numbered
+    without gaps, so only the columns tell."""
+    held = sum(int(s["tok_embeddings.weight"].shape[1]) for s in shards if "tok_embeddings.weight" in s)
+    if held and held != dim:
+        per_shard = held // len(shards)
+        ways = f" (split {dim // per_shard} ways)" if per_shard and dim % per_shard == 0 else ""
+        raise ConversionError(f"{src} has {len(shards)} shard(s) holding {held} of the model's {dim} embedding "
+                              f"columns: the shard set{ways} is incomplete, download every consolidated.NN.pth")
+
+
 def open_meta(src: Path) -> Source:
     try:
         p = json.loads((src / "params.json").read_text())
@@ -87,6 +98,7 @@ def open_meta(src: Path) -> Source:
                 raise ConversionError(f"{src} lacks tok_embeddings.weight; the checkpoint is incomplete")
             vocab = emb.shape[0]
         dim, heads = p["dim"], p["n_heads"]
+        _check_shard_set(src, shards, dim)
         eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else 2
         cfg = make_config(
             vocab_size=vocab, dim=dim, ffn_dim=ffn_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),

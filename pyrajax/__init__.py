@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from pyrajax import validate
 from pyrajax.cache import PyramidConfig, cache_preset
 from pyrajax.config import ModelConfig, preset
 from pyrajax.generate import GenerationConfig, GenerationResult, extend, generate, get_tokenizer, logits
@@ -14,9 +15,10 @@ from pyrajax.params import Params, random_params
 
 def load(path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
     """Load a checkpoint written by `pyrajax-convert`: (params, config). The config remembers the checkpoint's
-    tokenizer, so `generate` can take strings and return texts."""
+    tokenizer, so `generate` can take strings and return texts. dtype: "bfloat16", "float16" or "float32" (a
+    name or a jax/numpy dtype)."""
     from pyrajax.params import load_checkpoint
-    params, config = load_checkpoint(path, dtype)
+    params, config = load_checkpoint(path, validate.dtype(dtype))
     tok = Path(path).absolute() / "tokenizer"
     if tok.is_dir():
         config = dataclasses.replace(config, tokenizer_dir=str(tok))

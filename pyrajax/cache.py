@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from pyrajax import validate
 from pyrajax.config import ModelConfig
 
 BIG = 3e38  # selection priority of tokens that must be kept (sinks, window)
@@ -115,22 +116,24 @@ class PyramidConfig:
         def need(ok, field, allowed):
             if not ok:
                 raise ValueError(f"PyramidConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
-        need(0 < self.recent_ratio <= 1, "recent_ratio", "must lie in (0, 1]")
-        need(len(self.recency_weight) == 2 and 0 < self.recency_weight[0] <= self.recency_weight[1],
-             "recency_weight", "must be (first, last) with 0 < first <= last")
-        need(isinstance(self.num_sinks, int) and self.num_sinks >= 0, "num_sinks", "must be an int >= 0")
+        real, count = validate.is_real, validate.is_int
+        need(real(self.recent_ratio) and 0 < self.recent_ratio <= 1, "recent_ratio", "must lie in (0, 1]")
+        weights = self.recency_weight
+        need(isinstance(weights, (tuple, list)) and len(weights) == 2 and all(map(real, weights))
+             and 0 < weights[0] <= weights[1], "recency_weight", "must be (first, last) with 0 < first <= last")
+        need(count(self.num_sinks) and self.num_sinks >= 0, "num_sinks", "must be an int >= 0")
         need(self.prefill_schedule in ("none", "cosine", "budget"), "prefill_schedule",
              "must be 'none', 'cosine' or 'budget'")
-        need(0 < self.decay_ratio <= 1, "decay_ratio", "must lie in (0, 1]")
-        need(isinstance(self.min_context, int) and self.min_context >= 0, "min_context", "must be an int >= 0")
+        need(real(self.decay_ratio) and 0 < self.decay_ratio <= 1, "decay_ratio", "must lie in (0, 1]")
+        need(count(self.min_context) and self.min_context >= 0, "min_context", "must be an int >= 0")
         need(self.gen_rule in ("none", "reference", "budget"), "gen_rule",
              "must be 'none', 'reference' or 'budget'")
-        need(isinstance(self.gen_block, int) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
-        need(0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
+        need(count(self.gen_block) and self.gen_block >= 1, "gen_block", "must be an int >= 1")
+        need(real(self.gen_decay) and 0 < self.gen_decay <= 1, "gen_decay", "must lie in (0, 1]")
         need(isinstance(self.prune_hidden, bool), "prune_hidden", "must be True or False")
-        need(isinstance(self.prune_from, (int, float)) and 0 <= self.prune_from < 1, "prune_from",
+        need(real(self.prune_from) and 0 <= self.prune_from < 1, "prune_from",
              "must lie in [0, 1)")
-        need(isinstance(self.propagate, (int, float)) and self.propagate >= 1, "propagate", "must be >= 1")
+        need(real(self.propagate) and self.propagate >= 1, "propagate", "must be >= 1")
         need(not self.decoupled or (self.prune_hidden and self.prefill_schedule == "budget"), "propagate",
              "decoupled propagation (prune_from > 0 or propagate > 1) needs prune_hidden and prefill_schedule='budget'")
         need(self.budget_profile in ("pyramid", "linear", "uniform"), "budget_profile",
@@ -143,12 +146,12 @@ class PyramidConfig:
         need(isinstance(self.value_weighted, bool), "value_weighted", "must be True or False")
         need(not self.value_weighted or "recency" not in (self.scorer, self.decode_scorer), "value_weighted",
              "weights attention scores: it needs the 'window' or 'accumulated' scorer, not 'recency'")
-        need(isinstance(self.pool_kernel, int) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
+        need(count(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
              "pool_kernel", "must be an odd int >= 1")
-        need(self.observe is None or (isinstance(self.observe, int) and self.observe >= 1), "observe",
+        need(self.observe is None or (count(self.observe) and self.observe >= 1), "observe",
              "must be None or an int >= 1")
         for f in ("length_bucket", "prefill_bucket"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an int >= 1")
+            need(count(getattr(self, f)) and getattr(self, f) >= 1, f, "must be an int >= 1")
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
         need((self.budget is not None) == is_budget, "budget",
              "must be set exactly when prefill_schedule or gen_rule is 'budget'")
@@ -165,10 +168,10 @@ class PyramidConfig:
             else:
                 need(self.budget >= 16, "budget", "must be >= 16 when a token budget (an int); for a fraction "
                                                   "write it with a decimal point, e.g. 1.0")
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an int >= 0")
+        need(count(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an int >= 0")
         for f in ("protect_tail", "protect_last_turn"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, "must be an int >= 0")
-        need(self.max_window is None or (isinstance(self.max_window, int) and self.max_window >= 1),
+            need(count(getattr(self, f)) and getattr(self, f) >= 0, f, "must be an int >= 0")
+        need(self.max_window is None or (count(self.max_window) and self.max_window >= 1),
              "max_window", "must be None or an int >= 1")
         if self.budget is not None and not self.budget_is_fraction:
             need(self.budget >= self._least_tokens(self.budget), "budget",
@@ -265,6 +268,8 @@ def cache_preset(name: str) -> PyramidConfig:
     baselines "streaming-B", "h2o-B", "snapkv-B", "pyramidkv-B", where B is a fraction of the full cache
     ("0.45") or a token budget per layer ("512"); any of them with field overrides after a colon, e.g.
     "budget-0.45:budget_profile=uniform,recent_ratio=0.1" or "h2o-512:min_tokens=0"."""
+    if not isinstance(name, str):
+        raise ValueError(f"cache preset must be a name such as 'full' or 'budget-0.45', got {validate.describe(name)}")
     base, colon, overrides = name.partition(":")
     policy = _named(base)
     if colon:
@@ -280,8 +285,8 @@ def _named(name: str) -> PyramidConfig:
     family, _, amount = name.rpartition("-")
     if family in FAMILIES:
         # "0.45" (a decimal point) is a fraction of the full cache, "512" (digits only) a token budget.
-        budget = (float(amount) if re.fullmatch(r"\d*\.\d+|\d+\.\d*", amount)
-                  else int(amount) if amount.isdigit() else None)
+        budget = (float(amount) if re.fullmatch(r"\d*\.\d+|\d+\.\d*", amount, re.ASCII)
+                  else int(amount) if re.fullmatch(r"\d+", amount, re.ASCII) else None)
         if budget is not None:
             return PyramidConfig(name=name, prefill_schedule="budget", gen_rule="budget", budget=budget,
                                  **FAMILIES[family])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyrajax.validate import cli_cache, cli_int
+
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for writing clear code.",
@@ -119,18 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="chat answers from the embedded SmolLM2-135M-Instruct, full vs pyramid cache")
     d.add_argument("--checkpoint", help="a converted checkpoint (default: the embedded model, fetched once)")
-    d.add_argument("--cache", nargs="+", default=["full", "budget-256", "h2o-256"], help="cache policies")
-    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "budget-256", "h2o-256"],
+                   help="cache policies")
+    d.add_argument("--max-new-tokens", type=cli_int(1), default=64)
     d.add_argument("--prompt", action="append", help="a user message (repeatable); default: three examples")
     d.set_defaults(run=demo)
     p = sub.add_parser("plot-pyramid", help="PNG of the per-layer KV lengths of cache policies")
-    p.add_argument("--cache", nargs="+", default=["full", "paper", "budget-0.45"])
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "paper", "budget-0.45"])
+    p.add_argument("--prompt-len", type=cli_int(1), default=512)
+    p.add_argument("--new-tokens", type=cli_int(1), default=256)
+    p.add_argument("--layers", type=cli_int(1), default=32)
     p.add_argument("--out", default="pyramid.png")
     p.set_defaults(run=plot_pyramid)
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # a bad argument (argparse printed why) or --help: the status, not an exit
+        return e.code
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as e:

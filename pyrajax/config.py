@@ -5,6 +5,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pyrajax import validate
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -28,15 +30,24 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "dim", "ffn_dim", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_positions"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            object.__setattr__(self, name, validate.integer(getattr(self, name), f"ModelConfig.{name}", 1))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError("ModelConfig.rope_theta and norm_eps must be positive")
-        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        for name in ("rope_theta", "norm_eps"):
+            if validate.real(getattr(self, name), f"ModelConfig.{name}") <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        # The special ids are the checkpoint's own metadata: ints, but not range-checked (a pad id of -1 only
+        # fills padding slots; an EOS id outside the vocabulary is never generated).
+        if self.bos_id is not None:
+            object.__setattr__(self, "bos_id", validate.integer(self.bos_id, "ModelConfig.bos_id"))
+        object.__setattr__(self, "pad_id", validate.integer(self.pad_id, "ModelConfig.pad_id"))
+        if not isinstance(self.eos_ids, (list, tuple)):
+            raise ValueError(f"ModelConfig.eos_ids must be a tuple of ints, got {validate.describe(self.eos_ids)}")
+        object.__setattr__(self, "eos_ids", tuple(validate.integer(e, f"ModelConfig.eos_ids[{j}]")
+                                                  for j, e in enumerate(self.eos_ids)))
 
     @property
     def q_per_kv(self) -> int:

@@ -25,6 +25,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gather import pivotal_gather
 from pallas_kernels.score_reduction import score_reduction, window_rows
 from pyrajax import cache as kvc
+from pyrajax import validate
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
 from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv, queries
@@ -49,21 +50,22 @@ class GenerationConfig:
     tokenizer: Any = None  # a transformers tokenizer or a directory; None = the checkpoint's, if any
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if self.top_k > self.model.vocab_size:
-            raise ValueError(f"top_k={self.top_k} exceeds the vocabulary ({self.model.vocab_size} tokens); use "
-                             f"top_k <= {self.model.vocab_size}, or 0 for no top-k filter")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.impl not in ("auto", "pallas", "xla"):
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig (pyrajax.preset(name), or the config pyrajax.load "
+                             f"returns), got {validate.describe(self.model)}")
+        V = self.model.vocab_size
+        temperature, top_k, top_p = validate.sampling(self.temperature, self.top_k, self.top_p, V)
+        checked = dict(max_new_tokens=validate.integer(self.max_new_tokens, "max_new_tokens", 1),
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=validate.seed(self.seed),
+                       stop_ids=validate.stop_ids(self.stop_ids, V))
+        for field, value in checked.items():
+            object.__setattr__(self, field, value)
+        if self.impl not in validate.IMPLS:
             raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {self.impl!r}")
+        validate.tokenizer(self.tokenizer)
+        if not isinstance(self.cache, (str, PyramidConfig)):
+            raise ValueError(f"cache must be a preset name (e.g. 'full', 'budget-0.45') or a PyramidConfig, got "
+                             f"{validate.describe(self.cache)}")
         object.__setattr__(self, "policy", self.cache if isinstance(self.cache, PyramidConfig)
                            else kvc.cache_preset(self.cache))
 
@@ -395,6 +397,9 @@ def extend(params: Params, cache: KVCache, tokens: jax.Array, plan: CachePlan, c
     """Append `tokens` [B, n] to an existing (possibly compressed) cache, one decode step per token with the
     policy's eviction active. Returns (logits after the last token [B, V], the NLL of `targets` [B, n] under
     each step's logits or None, the cache). The plan must have room: n counts as new tokens."""
+    validate.token_array(tokens, "tokens", cache.next_pos.shape[0])
+    if targets is not None:
+        validate.token_array(targets, "targets", cache.next_pos.shape[0], tokens.shape[1])
     B = tokens.shape[0]
 
     def step(carry, xs):
@@ -451,9 +456,10 @@ def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, su
     n = len(prompts)
     if suffixes is None:
         suffixes = [[] for _ in range(n)]
-    elif len(suffixes) != n:
-        raise ValueError(f"suffixes has {len(suffixes)} entries for {n} prompts; give one per prompt ([] for none)")
-    suffixes = [to_ids(x, tokenizer, mc.vocab_size, i) if len(x) else [] for i, x in enumerate(suffixes)]
+    elif isinstance(suffixes, str) or not isinstance(suffixes, Sequence) or len(suffixes) != n:
+        raise ValueError(f"suffixes must be a list with one entry per prompt ({n}; [] for none), got "
+                         f"{validate.describe(suffixes)}")
+    suffixes = [to_ids(x, tokenizer, mc.vocab_size, i, name="suffix", allow_empty=True) for i, x in enumerate(suffixes)]
     lens = [len(p) for p in prompts]
     after = [len(x) + cfg.max_new_tokens for x in suffixes]  # tokens each cache takes after its prompt
     for i, (s, a) in enumerate(zip(lens, after)):
@@ -529,15 +535,10 @@ def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, su
 def logits(params: Params, tokens, config: ModelConfig) -> jax.Array:
     """Full-sequence logits [B, T, V] (float32) for a batch of equal-length token lists."""
     check_params(params, config)
-    toks = np.asarray(tokens, dtype=np.int64)
-    if toks.ndim == 1:
-        toks = toks[None]
-    if toks.ndim != 2 or toks.shape[1] == 0:
-        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {toks.shape}")
-    if toks.min() < 0 or toks.max() >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size})")
+    toks = validate.token_batch(tokens, "tokens", config.vocab_size)
     if toks.shape[1] > config.max_positions:
-        raise ValueError(f"{toks.shape[1]} tokens exceed the model's {config.max_positions} positions")
+        raise ValueError(f"tokens has {toks.shape[1]} tokens per row, more than the model's {config.max_positions} "
+                         "positions; pass shorter rows")
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
     return _forward_jit(params, jnp.asarray(toks, jnp.int32), jnp.asarray(pos), config)
 

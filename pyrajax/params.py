@@ -56,6 +56,16 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def named_weights(params: Params) -> list[tuple[str, jax.Array]]:
+    """Every weight with its checkpoint name ("embed", "layers.3.wq", ...)."""
+    named = [("embed", params.embed), ("final_norm", params.final_norm)]
+    if params.lm_head is not None:
+        named.append(("lm_head", params.lm_head))
+    for i, layer in enumerate(params.layers):
+        named += [(f"layers.{i}.{f}", getattr(layer, f)) for f in LAYER_FIELDS]
+    return named
+
+
 def check_params(params: Params, cfg: ModelConfig) -> None:
     """Raise ValueError naming the first weight whose shape does not match `cfg`."""
     shapes = expected_shapes(cfg)
@@ -65,16 +75,23 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
     if (params.lm_head is None) != cfg.tie_embeddings:
         raise ValueError(f"config.tie_embeddings={cfg.tie_embeddings} but params "
                          f"{'lack' if params.lm_head is None else 'have'} an lm_head")
-    named = [("embed", params.embed), ("final_norm", params.final_norm)]
-    if params.lm_head is not None:
-        named.append(("lm_head", params.lm_head))
-    for i, layer in enumerate(params.layers):
-        named += [(f, getattr(layer, f)) for f in LAYER_FIELDS]
-    for name, arr in named:
-        want = shapes[name]
+    for name, arr in named_weights(params):
+        want = shapes[name.rpartition(".")[2]]
         if tuple(arr.shape) != want:
             raise ValueError(f"weight {name} has shape {tuple(arr.shape)} but the config needs {want}; "
                              "the params do not belong to this config")
+
+
+def nonfinite(w) -> str | None:
+    """None when every value of `w` is finite, else how many are NaN and how many infinite (a phrase)."""
+    w = np.asarray(w)
+    if w.dtype.kind in "iub":
+        return None
+    finite = np.isfinite(w)  # works on numpy floats and ml_dtypes (bfloat16)
+    if finite.all():
+        return None
+    nan = int(np.isnan(w).sum())
+    return f"{nan} NaN and {w.size - int(finite.sum()) - nan} infinite values"
 
 
 def cast(params: Params, dtype) -> Params:
@@ -109,13 +126,17 @@ def to_tree(params: Params) -> dict:
 
 
 def from_tree(tree: dict, cfg: ModelConfig) -> Params:
-    try:
-        layers = tuple(LayerParams(**{f: tree["layers"][str(i)][f] for f in LAYER_FIELDS})
-                       for i in range(cfg.num_layers))
-        params = Params(embed=tree["embed"], layers=layers, final_norm=tree["final_norm"],
-                        lm_head=tree.get("lm_head"))
-    except KeyError as e:
-        raise ValueError(f"checkpoint is missing weight {e}; re-convert it with pyrajax-convert") from None
+    def get(*keys):
+        node = tree
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                raise ValueError(f"checkpoint is missing weight {'.'.join(keys)}; re-convert it with pyrajax-convert")
+            node = node[k]
+        return node
+
+    layers = tuple(LayerParams(**{f: get("layers", str(i), f) for f in LAYER_FIELDS}) for i in range(cfg.num_layers))
+    params = Params(embed=get("embed"), layers=layers, final_norm=get("final_norm"),
+                    lm_head=tree.get("lm_head") if cfg.tie_embeddings else get("lm_head"))
     check_params(params, cfg)
     return params
 
@@ -211,11 +232,33 @@ def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokeni
 def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
     import orbax.checkpoint as ocp
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a checkpoint directory, got {path!r} ({type(path).__name__})")
     path = Path(path).absolute()
     if not (path / "config.json").is_file() or not (path / "params").is_dir():
         raise FileNotFoundError(f"{path} is not a pyrajax checkpoint (needs config.json and params/); "
                                 "create one with `pyrajax-convert SRC DST`")
-    cfg = ModelConfig.load(path / "config.json")
-    tree = ocp.StandardCheckpointer().restore(path / "params")
-    params = from_tree(tree, cfg)
+    try:
+        cfg = ModelConfig.load(path / "config.json")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not a valid pyrajax config ({e}); re-convert the checkpoint "
+                         "with pyrajax-convert") from None
+    try:
+        tree = ocp.StandardCheckpointer().restore(path / "params")
+    except Exception as e:  # a missing or damaged array file, a torn OCDBT manifest
+        detail = str(e).split(" [tensorstore_spec=")[0].strip().splitlines()
+        raise ValueError(f"cannot read the weights in {path / 'params'} ({type(e).__name__}: "
+                         f"{detail[0] if detail else ''}); the checkpoint is incomplete or damaged, re-convert it "
+                         "with pyrajax-convert") from None
+    try:
+        params = from_tree(tree, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    # Refused rather than warned about: one NaN weight turns every logit NaN, and greedy decoding then emits
+    # token 0 forever without any other sign of trouble.
+    for name, w in named_weights(params):
+        bad = nonfinite(w)
+        if bad:
+            raise ValueError(f"weight {name} in {path} holds {bad}; the checkpoint is damaged, re-convert it "
+                             "from a good source")
     return cast(params, dtype), cfg

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pyrajax import validate
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -74,36 +76,29 @@ def chat_prompt(tokenizer, messages, last_turn: int, index: int = 0) -> tuple[li
     return ids, protect
 
 
-def to_ids(prompt, tokenizer, vocab_size: int, index: int) -> list[int]:
-    """A token-id list or a string -> validated token ids."""
+def to_ids(prompt, tokenizer, vocab_size: int, index: int, name: str = "prompt", allow_empty: bool = False,
+           kinds: str = "a list of token ids or a string") -> list[int]:
+    """A token-id list or a string -> validated token ids. `name` and `index` name it in errors ("prompt 3"),
+    `kinds` says what it may be."""
+    label = f"{name} {index}"
+    if isinstance(prompt, str) and not prompt and allow_empty:
+        return []
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError(f"prompt {index} is a string but no tokenizer is known; pass token ids, or "
+            raise ValueError(f"{label} is a string but no tokenizer is known; pass token ids, or "
                              "GenerationConfig(tokenizer=...), or load a checkpoint that has one")
         prompt = tokenizer.encode(prompt)
-    if isinstance(prompt, bytes) or prompt is None or not isinstance(prompt, (Sequence, np.ndarray)):
-        raise ValueError(f"prompt {index} must be a list of token ids, a string or a chat conversation "
-                         f"(a list of {{'role', 'content'}} dicts), got {type(prompt).__name__}")
-    arr = np.asarray(prompt)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"prompt {index} must hold integer token ids, got {arr.dtype}")
-    ids = [int(t) for t in arr.reshape(-1)]
-    if not ids:
-        raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    return ids
+    return validate.token_ids(prompt, label, vocab_size, allow_empty=allow_empty, kinds=kinds)
 
 
 def prepare(prompts, tokenizer, vocab_size: int, last_turn: int, protect=None):
     """Validated (token ids, protect mask or None) per prompt. `protect`: None, or one entry per prompt (a
     boolean sequence as long as the prompt's tokens, or None)."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of prompts (token-id lists, strings or chat "
-                         "conversations)")
+    validate.prompt_list(prompts)
     if is_chat(prompts):
         raise ValueError("prompts is one chat conversation; pass a list of conversations: [messages]")
+    if protect is not None and not isinstance(protect, Sequence):
+        raise ValueError(f"protect must be a list with one entry per prompt, got {validate.describe(protect)}")
     if protect is not None and len(protect) != len(prompts):
         raise ValueError(f"protect has {len(protect)} entries for {len(prompts)} prompts; give one per prompt "
                          "(None where the policy's default applies)")
@@ -112,9 +107,12 @@ def prepare(prompts, tokenizer, vocab_size: int, last_turn: int, protect=None):
         if is_chat(p):
             ids, mask = chat_prompt(tokenizer, p, last_turn, i)
         else:
-            ids, mask = to_ids(p, tokenizer, vocab_size, i), None
+            ids, mask = to_ids(p, tokenizer, vocab_size, i, kinds=validate.PROMPT_KINDS), None
         if protect is not None and protect[i] is not None:
-            given = np.asarray(protect[i])
+            try:
+                given = np.asarray(protect[i])
+            except ValueError:  # ragged nesting
+                given = np.asarray(protect[i], dtype=object)
             if given.dtype != bool or given.shape != (len(ids),):
                 raise ValueError(f"protect[{i}] must be a boolean mask of the prompt's {len(ids)} tokens, got "
                                  f"{given.dtype} of shape {given.shape}")
