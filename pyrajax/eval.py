@@ -544,8 +544,6 @@ def main(argv: list[str] | None = None) -> int:
         return grid_main(argv[1:])
     args = parser().parse_args(argv)
     path = Path(args.checkpoint or default_model_dir())
-    if args.workers > 1:  # this process holds the device too: leave room for the workers (read at backend start)
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (args.workers + 1):.3f}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     params, cfg = pyrajax.load(path, dtype=dtype)
