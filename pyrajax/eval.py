@@ -62,6 +62,7 @@ from pyrajax.cache import PyramidConfig
 from pyrajax.config import ModelConfig
 from pyrajax.generate import GenerationConfig, bucket, extend, generate, get_tokenizer, prefill
 from pyrajax.prompts import prepare
+from pyrajax.validate import cli_cache, cli_int
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -512,22 +513,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", type=Path, default=DATA / "wikitext-2-raw" / "wiki.test.raw",
                     help="plain text for perplexity and agreement prompts (default: WikiText-2 test)")
     ap.add_argument("--essays", type=Path, default=DATA / "paul-graham-essays", help="needle haystack *.txt")
-    ap.add_argument("--policies", nargs="+", default=["full", "paper", "budget-0.45"])
+    ap.add_argument("--policies", nargs="+", type=cli_cache, default=["full", "paper", "budget-0.45"])
     ap.add_argument("--tasks", nargs="+", default=["ppl", "needle", "agree"], choices=["ppl", "needle", "agree"])
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--continuation", type=int, default=256)
-    ap.add_argument("--stride", type=int, default=None, help="chunk stride (default: context + continuation)")
-    ap.add_argument("--max-chunks", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8, help="sequences per compiled batch")
-    ap.add_argument("--needle-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--context", type=cli_int(2), default=512)
+    ap.add_argument("--continuation", type=cli_int(1), default=256)
+    ap.add_argument("--stride", type=cli_int(1), default=None, help="chunk stride (default: context + continuation)")
+    ap.add_argument("--max-chunks", type=cli_int(1), default=None)
+    ap.add_argument("--batch", type=cli_int(1), default=8, help="sequences per compiled batch")
+    ap.add_argument("--needle-lengths", type=cli_int(16), nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--needle-depths", type=float, nargs="+", default=[0, .25, .5, .75, 1.0])
-    ap.add_argument("--needle-new-tokens", type=int, default=16)
-    ap.add_argument("--agree-n", type=int, default=64, help="greedy tokens compared with the full cache")
-    ap.add_argument("--agree-prompts", type=int, default=8, help="prompts (text chunks of --context tokens)")
+    ap.add_argument("--needle-new-tokens", type=cli_int(1), default=16)
+    ap.add_argument("--agree-n", type=cli_int(1), default=64, help="greedy tokens compared with the full cache")
+    ap.add_argument("--agree-prompts", type=cli_int(1), default=8, help="prompts (text chunks of --context tokens)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--impl", choices=["auto", "pallas", "xla"], default="auto")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli_int(0), default=0)
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/eval-<model>.json); "
                                              "the plot goes beside it as .png")
     ap.add_argument("--append", action="store_true",
@@ -793,36 +794,38 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--essays", type=Path, default=DATA / "paul-graham-essays",
                     help="Paul Graham essays *.txt: long-context perplexity, RULER haystacks, needle")
     ap.add_argument("--tasks", nargs="+", default=list(GRID_TASKS), choices=GRID_TASKS)
-    ap.add_argument("--policies", nargs="+", help="explicit policies instead of the grid (full is always added)")
+    ap.add_argument("--policies", nargs="+", type=cli_cache,
+                    help="explicit policies instead of the grid (full is always added)")
     ap.add_argument("--families", nargs="+", choices=list(kvc.FAMILIES))
     ap.add_argument("--fractions", nargs="*", type=float, help="fraction budgets")
-    ap.add_argument("--token-budgets", nargs="*", type=int, help="token budgets")
-    ap.add_argument("--ppl-lengths", nargs="+", type=int, help="contexts of the WikiText-2 perplexity (ppl)")
-    ap.add_argument("--ppl-long-lengths", nargs="+", type=int, help="contexts of the essays' perplexity (ppl-long)")
-    ap.add_argument("--ppl-continuation", type=int, help="scored continuation tokens per chunk")
-    ap.add_argument("--ppl-chunks", type=int, help="chunks per ppl row (0: every chunk of the text)")
-    ap.add_argument("--ruler-lengths", nargs="+", type=int)
+    ap.add_argument("--token-budgets", nargs="*", type=cli_int(16), help="token budgets")
+    ap.add_argument("--ppl-lengths", nargs="+", type=cli_int(2), help="contexts of the WikiText-2 perplexity (ppl)")
+    ap.add_argument("--ppl-long-lengths", nargs="+", type=cli_int(2),
+                    help="contexts of the essays' perplexity (ppl-long)")
+    ap.add_argument("--ppl-continuation", type=cli_int(1), help="scored continuation tokens per chunk")
+    ap.add_argument("--ppl-chunks", type=cli_int(0), help="chunks per ppl row (0: every chunk of the text)")
+    ap.add_argument("--ruler-lengths", nargs="+", type=cli_int(64))
     ap.add_argument("--ruler-tasks", nargs="+", help="RULER tasks (default: all of pyrajax.tasks.ruler.RULER_TASKS)")
-    ap.add_argument("--ruler-n", type=int, help="samples per (task, length)")
+    ap.add_argument("--ruler-n", type=cli_int(1), help="samples per (task, length)")
     ap.add_argument("--ruler-protocols", nargs="+", choices=RULER_PROTOCOLS, default=list(RULER_PROTOCOLS),
                     help="query-aware (question in the prompt) and/or query-agnostic (asked after compression)")
-    ap.add_argument("--ruler-new-tokens", type=int,
+    ap.add_argument("--ruler-new-tokens", type=cli_int(1),
                     help="generation budget of every RULER request (0: RULER's own, 128 niah and 30 vt)")
     ap.add_argument("--ruler-calibration", type=float, default=80.0,
                     help="points the full cache must score on a (task, length) cell for it to count")
-    ap.add_argument("--chat-n", type=int, help="conversations of the chat set (default: all 36)")
-    ap.add_argument("--chat-new-tokens", type=int)
-    ap.add_argument("--needle-lengths", nargs="+", type=int)
+    ap.add_argument("--chat-n", type=cli_int(1), help="conversations of the chat set (default: all 36)")
+    ap.add_argument("--chat-new-tokens", type=cli_int(1))
+    ap.add_argument("--needle-lengths", nargs="+", type=cli_int(16))
     ap.add_argument("--needle-depths", nargs="+", type=float)
-    ap.add_argument("--needle-new-tokens", type=int)
-    ap.add_argument("--layers", type=int, help="keep only the model's first N layers (smoke runs)")
+    ap.add_argument("--needle-new-tokens", type=cli_int(1))
+    ap.add_argument("--layers", type=cli_int(1), help="keep only the model's first N layers (smoke runs)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings (see below) for a CPU check of the pipeline")
-    ap.add_argument("--batch", type=int, default=64, help="most sequences per compiled batch")
-    ap.add_argument("--batch-tokens", type=int, default=131072, help="most prompt slots per batch (memory)")
+    ap.add_argument("--batch", type=cli_int(1), default=64, help="most sequences per compiled batch")
+    ap.add_argument("--batch-tokens", type=cli_int(1), default=131072, help="most prompt slots per batch (memory)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--impl", choices=["auto", "pallas", "xla"], default="auto")
-    ap.add_argument("--seed", type=int, default=0, help="RULER and needle prompts")
+    ap.add_argument("--seed", type=cli_int(0), default=0, help="RULER and needle prompts")
     ap.add_argument("--out", type=Path, help="JSON (default: bench/results/quality-<model>[-smoke].json); the PNGs "
                                              "go beside it as <stem>-<task>.png")
     ap.add_argument("--append", action="store_true",
@@ -834,7 +837,7 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNGs of --out and print its table")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (one line per row still)")
     ap.add_argument("--commit", help="the commit to record where the machine's git history is missing or stale")
-    ap.add_argument("--workers", type=int, default=1,
+    ap.add_argument("--workers", type=cli_int(1), default=1,
                     help="policies evaluated at once, each in its own process (compiling dominates a small "
                          "model's grid, and compiles run in parallel). For many-core CPU hosts: on one GPU without "
                          "MPS the processes time-slice the device (measured on the H200, 12 workers: 100-330 s per "
@@ -960,8 +963,8 @@ def grid_main(argv: list[str] | None = None) -> int:
     if tok is None:
         print(f"pyrajax eval grid: error: {path} has no tokenizer", file=sys.stderr)
         return 2
-    names = list(dict.fromkeys(([] if args.worker else ["full"]) + (args.policies or grid_policies(args.families, args.fractions,
-                                                                          args.token_budgets))))
+    chosen = args.policies or grid_policies(args.families, args.fractions, args.token_budgets)
+    names = list(dict.fromkeys(([] if args.worker else ["full"]) + chosen))
     try:
         tasks = _row_tasks(args)
         for name in names:

@@ -257,3 +257,17 @@ def test_pyramid_sweep_ranks_by_rank_sum():
     ranked = sw.rank(rows, budgets)
     assert [v for v, _, _ in ranked] == ["snap", "acc"]
     assert ranked[0][1] == 0 and ranked[1][1] == 6 and ranked[0][2] == 90.0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["grid", "--ruler-n", "0"], "--ruler-n: 0 is too small"),
+    (["grid", "--policies", "budget-2.0"], "--policies"),
+    (["grid", "--workers", "x"], "--workers: 'x' is not an int"),
+    (["--context", "1"], "--context: 1 is too small"),
+    (["--policies", "nope"], "unknown cache preset"),
+])
+def test_eval_cli_refuses_bad_arguments_before_loading(argv, says, capsys):
+    from pyrajax.eval import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
