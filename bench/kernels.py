@@ -4,8 +4,9 @@
 
 For each case: the Pallas result vs the jnp reference on the GPU, the median time of the Pallas and XLA paths,
 the bytes a kernel must move (and FLOPs where they matter), and the achieved bandwidth against the copy
-ceiling measured at the start (`bench.ceilings`: copy bandwidth and bf16 matmul rate, both in the JSON). Writes JSON to $OUT/kernels-<device>.json when $OUT is set, else
-bench/results/kernels-<device>.json, and prints a table last. A case that fails (e.g. a Triton compile error)
+ceiling measured at the start (`bench.ceilings`: copy bandwidth and bf16 matmul rate, both in the JSON).
+Writes JSON to $OUT/kernels-<device>.json when $OUT is set, else bench/results/kernels-<device>.json, and
+prints a table last. A case that fails (e.g. a Triton compile error)
 is recorded with its error and the run goes on. --small runs tiny shapes (a CPU smoke test, interpret mode).
 """
 from __future__ import annotations
