@@ -90,6 +90,14 @@ def _cover(a: CachePlan, b: CachePlan) -> CachePlan:
                                capacity=most(a.capacity, b.capacity))
 
 
+def make_engine(params: Params, cfg: ModelConfig, policies: Sequence[PyramidConfig], *, slots: int,
+                max_prompt: int, max_new: int, max_protected: int = 128, **kw) -> "Engine":
+    """A serving engine: `slots` slots whose caches hold any prompt of up to `max_prompt` tokens and `max_new`
+    new tokens under each of `policies` (the first compiles the programs). kw: see `Engine`."""
+    plan, prefill_plans = serving_plans(policies, max_prompt, max_new, cfg.num_layers, max_protected)
+    return Engine(params, cfg, plan, prefill_plans, slots=slots, **kw)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Requests on the host
 
@@ -116,7 +124,8 @@ class Stream:
     bucket: int
     on_event: Callable[["Stream", list[int], str | None], None] | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
-    finish: str | None = None  # "stop", "length" or "cancelled"
+    finish: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
     slot: int | None = None
     lengths_after_prefill: list[int] | None = None
     lengths_at_end: list[int] | None = None
@@ -344,6 +353,22 @@ class Engine:
         sequence.finish, sequence.finished_at = reason, time.perf_counter()
         if sequence.on_event is not None:
             sequence.on_event(sequence, list(tokens), reason)
+
+    def fail(self, message: str) -> None:
+        """After a failed step: end every request in flight with the error and start over with empty slots
+        (the donated state may be gone)."""
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox = []
+        for stream in [o for o in self.owner if o is not None] + list(self.waiting):
+            if stream.finish is None:
+                stream.error = message
+                self._finish(stream, "error")
+        self.owner, self.waiting, self._pending = [None] * self.slots, collections.deque(), None
+        self._cancel_mask[:] = False
+        S_b = min(self.prefill_plans)
+        self.state = empty_state(self.params, self.cfg, self.plan, self.prefill_plans[S_b], S_b, self.slots,
+                                 self.forced, self.stop_width, self.impl)
 
     # ------------------------------------------------------------------------------------------- stats
     def metrics(self) -> dict:
