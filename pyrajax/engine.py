@@ -42,7 +42,24 @@ HOST_FIELDS = ("name", "budget", "min_tokens", "max_window", "protect_tail", "pr
 
 def compatible(policy: PyramidConfig, base: PyramidConfig) -> bool:
     """Whether `policy`'s requests can run in programs compiled for `base`."""
-    return dataclasses.replace(policy, **{f: getattr(base, f) for f in HOST_FIELDS}) == base
+    try:
+        return dataclasses.replace(policy, **{f: getattr(base, f) for f in HOST_FIELDS}) == base
+    except ValueError:  # not even a valid policy with base's host fields
+        return False
+
+
+def resolve_policies(names: Sequence[str]) -> dict[str, PyramidConfig]:
+    """Cache presets for one engine: the first compiles the programs. A later "full" under a budget policy
+    becomes that family with a floor above every request: nothing is compressed, so the full cache's tokens
+    (and output) in the same programs."""
+    base = kvc.cache_preset(names[0])
+    out = {names[0]: base}
+    for name in names[1:]:
+        policy = kvc.cache_preset(name)
+        if name == "full" and base.gen_rule == "budget":
+            policy = dataclasses.replace(base, name="full", budget=1.0, min_tokens=2**30)
+        out[name] = policy
+    return out
 
 
 def prompt_buckets(max_prompt: int) -> list[int]:
@@ -132,6 +149,20 @@ class Stream:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+
+
+def request_rows(requests: list[Request], stop_width: int, forced: int) -> Requests:
+    """The settings of `requests` as device rows (stop ids padded to `stop_width`, suffixes to `forced`)."""
+    n = len(requests)
+    stop = np.full((n, stop_width), -1, np.int32)
+    suffix = np.zeros((n, forced), np.int32)
+    for i, r in enumerate(requests):
+        stop[i, :len(r.stop_ids)] = r.stop_ids
+        suffix[i, :len(r.suffix)] = r.suffix
+    col = lambda f, dtype: np.array([getattr(r, f) for r in requests], dtype)  # noqa: E731
+    return Requests(seed=col("seed", np.uint32), temperature=col("temperature", np.float32),
+                    top_k=col("top_k", np.int32), top_p=col("top_p", np.float32), max_new=col("max_new", np.int32),
+                    stop=stop, forced=suffix, n_forced=np.array([len(r.suffix) for r in requests], np.int32))
 
 
 class QueueFull(RuntimeError):
@@ -302,25 +333,12 @@ class Engine:
         for i, sequence in enumerate(filled):
             tokens[i, :len(sequence.request.ids)] = sequence.request.ids
         seq = jax.tree.map(lambda *xs: np.concatenate(xs), *[s.seq for s in filled])
-        req = self._requests([s.request for s in filled])
+        req = request_rows([s.request for s in filled], self.stop_width, self.forced)
         slot = np.array([s.slot for s in rows] + [self.slots] * (P - len(rows)), np.int32)
         first, cache, lengths = prefill_program(self.params, tokens, seq, req, plan=self.prefill_plans[S_b],
                                                 cfg=self.cfg, impl=self.impl, window=self.plan.window)
         self.state = insert_program(self.state, cache, req, first, slot)
         return first, lengths
-
-    def _requests(self, requests: list[Request]) -> Requests:
-        n = len(requests)
-        stop = np.full((n, self.stop_width), -1, np.int32)
-        forced = np.zeros((n, self.forced), np.int32)
-        for i, r in enumerate(requests):
-            stop[i, :len(r.stop_ids)] = r.stop_ids
-            forced[i, :len(r.suffix)] = r.suffix
-        col = lambda f, dtype: np.array([getattr(r, f) for r in requests], dtype)  # noqa: E731
-        return Requests(seed=col("seed", np.uint32), temperature=col("temperature", np.float32),
-                        top_k=col("top_k", np.int32), top_p=col("top_p", np.float32),
-                        max_new=col("max_new", np.int32), stop=stop, forced=forced,
-                        n_forced=np.array([len(r.suffix) for r in requests], np.int32))
 
     def _read_chunk(self, out, lengths, owners):
         out, lengths = np.asarray(out), np.asarray(lengths)

@@ -450,8 +450,7 @@ def build(args):
     import jax.numpy as jnp
 
     import pyrajax
-    from pyrajax.cache import cache_preset
-    from pyrajax.engine import make_engine
+    from pyrajax.engine import make_engine, resolve_policies
     from pyrajax.generate import get_tokenizer
 
     on_gpu = jax.default_backend() == "gpu"
@@ -470,7 +469,7 @@ def build(args):
         params, cfg = pyrajax.load(path, dtype=dtype)
         name = path.name
         tokenizer = get_tokenizer(cfg)
-    policies = {p: cache_preset(p) for p in args.cache}
+    policies = resolve_policies(args.cache)
     engine = make_engine(params, cfg, list(policies.values()), slots=args.slots, max_prompt=args.max_prompt,
                          max_new=args.max_new, steps=args.steps, max_protected=args.max_protected,
                          max_waiting=args.max_waiting, prefill_tokens=args.prefill_tokens, impl=args.impl)
