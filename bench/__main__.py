@@ -1,9 +1,10 @@
-"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile} [ARGS...]: one entry point for the benchmarks.
+"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile,serve} [ARGS...]: one entry point for the benchmarks.
 
     python -m bench sweep --model llama2-7b --cache full paper budget-0.45
     python -m bench peer --model llama2-7b --mode static-compile
     python -m bench plots bench/results/sweep-llama2-7b-p512-n256.json
     python -m bench profile --model llama2-7b --runs full:1 budget-0.45:1 full:32 budget-0.45:32
+    python -m bench serve --model llama2-7b --cache full budget-0.45 --slots 32 --rates 1 2 4 8 16
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 COMMANDS = {"throughput": "bench.throughput", "sweep": "bench.sweep", "peer": "bench.hf_peer",
             "plots": "bench.plots", "kernels": "bench.kernels", "parity": "bench.parity",
-            "profile": "bench.profile"}
+            "profile": "bench.profile", "serve": "bench.serve"}
 
 
 def main(argv: list[str]) -> int:
