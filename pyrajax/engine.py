@@ -318,23 +318,43 @@ class Engine:
             by_bucket[sequence.bucket].append(sequence)
         slots = iter(free)
         for S_b, group in sorted(by_bucket.items()):
-            for i in range(0, len(group), self.max_prefill_batch):
-                rows = group[i:i + self.max_prefill_batch]
+            size = self.prefill_batch(S_b)
+            for i in range(0, len(group), size):
+                rows = group[i:i + size]
                 for sequence in rows:
                     sequence.slot = next(slots)
                     self.owner[sequence.slot] = sequence
                 admitted.append((rows, *self._prefill_insert(S_b, rows)))
         return admitted
 
-    def _prefill_insert(self, S_b: int, rows: list[Stream]):
-        P = min(bucket(len(rows), 1), max(self.max_prefill_batch, len(rows)))
+    def prefill_batch(self, S_b: int) -> int:
+        """Rows of a prefill batch of bucket S_b when more than one request arrives: `max_prefill_batch`,
+        fewer where their prompt tokens would pass `prefill_tokens`. (A lone arrival is prefilled alone: two
+        programs per bucket.)"""
+        cap = self.max_prefill_batch if self.prefill_tokens is None else self.prefill_tokens // S_b
+        return max(1, min(self.max_prefill_batch, cap))
+
+    def warmup(self) -> None:
+        """Compile every program this engine can run (each prefill bucket and batch size, insert, decode), with
+        rows dropped at insert: the slots stay as they are."""
+        for S_b in sorted(self.prefill_plans):
+            for P in sorted({1, self.prefill_batch(S_b)}):
+                ids = [self.cfg.pad_id] * S_b
+                stream = self.prepare(Request(ids=ids, max_new=1))
+                self._prefill_insert(S_b, [stream] * P, dropped=True)
+        self.state, out, _ = decode_program(self.params, self.state, np.zeros(self.slots, bool), np.bool_(False),
+                                            plan=self.plan, cfg=self.cfg, impl=self.impl, steps=self.steps)
+        jax.block_until_ready(out)
+
+    def _prefill_insert(self, S_b: int, rows: list[Stream], dropped: bool = False):
+        P = 1 if len(rows) == 1 else self.prefill_batch(S_b)
         filled = rows + [rows[0]] * (P - len(rows))  # filler rows repeat the first; their slot index drops them
         tokens = np.full((P, S_b), self.cfg.pad_id, np.int32)
         for i, sequence in enumerate(filled):
             tokens[i, :len(sequence.request.ids)] = sequence.request.ids
         seq = jax.tree.map(lambda *xs: np.concatenate(xs), *[s.seq for s in filled])
         req = request_rows([s.request for s in filled], self.stop_width, self.forced)
-        slot = np.array([s.slot for s in rows] + [self.slots] * (P - len(rows)), np.int32)
+        slot = np.array([self.slots if dropped else s.slot for s in rows] + [self.slots] * (P - len(rows)), np.int32)
         first, cache, lengths = prefill_program(self.params, tokens, seq, req, plan=self.prefill_plans[S_b],
                                                 cfg=self.cfg, impl=self.impl, window=self.plan.window)
         self.state = insert_program(self.state, cache, req, first, slot)

@@ -472,7 +472,8 @@ def build(args):
     policies = resolve_policies(args.cache)
     engine = make_engine(params, cfg, list(policies.values()), slots=args.slots, max_prompt=args.max_prompt,
                          max_new=args.max_new, steps=args.steps, max_protected=args.max_protected,
-                         max_waiting=args.max_waiting, prefill_tokens=args.prefill_tokens, impl=args.impl)
+                         max_waiting=args.max_waiting, prefill_tokens=args.prefill_tokens,
+                         max_prefill_batch=args.max_prefill_batch, impl=args.impl)
     return engine, tokenizer, args.served_model_name or name, policies
 
 
@@ -493,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per compiled call")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     ap.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per round")
+    ap.add_argument("--max-prefill-batch", type=int, default=4, help="arrivals of one bucket prefilled together")
+    ap.add_argument("--warmup", action="store_true", help="compile every program before serving")
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "xla"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--served-model-name")
@@ -510,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving %s: %d slots, prompts <= %d + %d new tokens, caches %s, KV %.1f MiB, capacities %s",
              name, engine.slots, engine.max_prompt, engine.plan.new_bucket, ", ".join(policies), kv / 2**20,
              list(engine.plan.capacity))
+    if args.warmup:
+        t = time.perf_counter()
+        engine.warmup()
+        log.info("compiled every program in %.0f s", time.perf_counter() - t)
     serve(create_app(engine, tokenizer, name, policies, drain_timeout=args.drain_timeout), args.host, args.port,
           args.drain_timeout)
     return 0

@@ -24,7 +24,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def engine(tiny):
     params, cfg = tiny
-    return make_engine(params, cfg, POLICIES, slots=3, max_prompt=200, max_new=48, max_prefill_batch=1)
+    return make_engine(params, cfg, POLICIES, slots=3, max_prompt=200, max_new=48, max_prefill_batch=2)
 
 
 def alone(tiny, ids, new, policy, **kw):

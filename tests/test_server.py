@@ -42,8 +42,9 @@ def server(smol):
     import uvicorn
     params, cfg = smol
     policies = resolve_policies(POLICIES)
+    # one prefill per arrival: each prompt bucket compiles one prefill program (batched prefill: test_engine)
     engine = make_engine(params, cfg, list(policies.values()), slots=8, max_prompt=MAX_PROMPT, max_new=MAX_NEW,
-                         max_waiting=64)
+                         max_waiting=64, max_prefill_batch=1)
     app = create_app(engine, pyrajax.get_tokenizer(cfg), "smol", policies)
     sock = free_socket()
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
