@@ -437,8 +437,14 @@ def _sse(obj: Any) -> str:
 
 def serve(app: FastAPI, host: str, port: int, drain_timeout: float) -> None:
     """Run uvicorn until SIGTERM / SIGINT; running requests get `drain_timeout` seconds to finish."""
+    import signal
+
     import uvicorn
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found. SIGTERM is how
+    # orchestrators ask for a drain: found a no-op handler, the process exits 0 once drained.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
+    log.info("drained and stopped")
 
 
 # ---------------------------------------------------------------------------------------------------------
