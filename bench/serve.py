@@ -36,16 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------
 # The server processes
 
-def decode_state_bytes(model: str, policy: str, max_prompt: int, max_new: int, max_protected: int) -> int:
-    """Bytes one slot's decode state holds: K and V at every layer's capacity, plus the window-row and
-    accumulated-score buffers its policy keeps (f32)."""
+def decode_state_bytes(model: str, policy: str, max_prompt: int, max_new: int, max_protected: int,
+                       itemsize: int) -> int:
+    """Bytes one slot's decode state holds: K and V at every layer's capacity (`itemsize` bytes each), plus the
+    window-row and accumulated-score buffers its policy keeps (f32)."""
     import pyrajax
     from pyrajax.cache import cache_preset
     from pyrajax.engine import serving_plans
     cfg = pyrajax.preset(model)
     policy = cache_preset(policy)
     plan, _ = serving_plans([policy], max_prompt, max_new, cfg.num_layers, max_protected)
-    kv = sum(plan.capacity) * cfg.kv_bytes_per_token_layer(2)
+    kv = sum(plan.capacity) * cfg.kv_bytes_per_token_layer(itemsize)
     rows = sum(plan.capacity) * plan.window * 4 if policy.keeps_rows else 0
     acc = sum(plan.capacity) * 4 if policy.keeps_accumulated else 0
     return kv + rows + acc
@@ -61,9 +62,8 @@ def start_server(args, policy: str, slots: int, port: int, log_path: Path) -> su
     cmd = [sys.executable, "-m", "pyrajax.cli", "serve", "--random", args.model, "--cache", policy,
            "--slots", str(slots), "--max-prompt", str(args.prompt_max), "--max-new", str(args.new_max),
            "--steps", str(args.steps), "--max-waiting", str(args.requests * 2), "--port", str(port),
-           "--max-protected", str(args.max_protected), "--drain-timeout", "5", "--warmup"]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
+           "--max-protected", str(args.max_protected), "--drain-timeout", "5", "--warmup",
+           "--dtype", args.dtype]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-max", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per compiled call")
     ap.add_argument("--max-protected", type=int, default=32)
-    ap.add_argument("--dtype", default=None, help="weights dtype (default: bf16 on GPU, f32 on CPU)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and KV")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--eviction-phases", action="store_true", help="only measure aligned vs staggered eviction")
@@ -280,10 +280,11 @@ def main(argv=None) -> int:
         args.model, args.slots, args.rates, args.requests = "tiny", 4, [4.0, 16.0], 12
         args.prompt_min, args.prompt_max, args.new_min, args.new_max = 8, 96, 4, 32
         args.cache = [c if c == "full" else c + ":min_tokens=0" for c in args.cache]
+        args.dtype = "float32"
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    from bench.throughput import env_info
     if args.eviction_phases:
+        from bench.throughput import env_info
         result = dict(env_info(), benchmark="serve-eviction-phases", model=args.model, **eviction_phases(args))
         out = Path(args.out) if args.out else out_dir / f"serve-eviction-phases-{args.model}.json"
         out.write_text(json.dumps(result, indent=1))
@@ -291,15 +292,20 @@ def main(argv=None) -> int:
         return 0
     import pyrajax
     vocab = pyrajax.preset(args.model).vocab_size
-    sizes = {p: decode_state_bytes(args.model, p, args.prompt_max, args.new_max, args.max_protected)
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    sizes = {p: decode_state_bytes(args.model, p, args.prompt_max, args.new_max, args.max_protected, itemsize)
              for p in args.cache}
+    # This process never touches the device (XLA's GPU preallocation would take the servers' memory): the
+    # environment comes from a child of its own.
+    env = json.loads(subprocess.run([sys.executable, "-c", "import json; from bench.throughput import env_info; "
+                                     "print(json.dumps(env_info()))"], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.splitlines()[-1])
     first = args.cache[0]
     budget = args.slots * sizes[first]  # the decode-state memory every policy gets
     runs = []
     for policy in args.cache:
         slots = args.slots if args.same_slots or policy == first else budget // sizes[policy]
         runs.append(dict(bench_policy(args, policy, slots, vocab, out_dir), state_bytes_per_slot=sizes[policy]))
-    env = env_info()  # the parent never touched the device: the children did; record the software
     result = dict(env, benchmark="serve", model=args.model, smoke=args.smoke, state_bytes_budget=budget,
                   workload=dict(prompt=[args.prompt_min, args.prompt_max], new=[args.new_min, args.new_max],
                                 requests_per_rate=args.requests, steps=args.steps, arrivals="poisson"), runs=runs)

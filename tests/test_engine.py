@@ -177,3 +177,16 @@ def test_serving_plan_covers_short_outputs_and_chat_masks():
     assert plan.capacity == plans[max(plans)].capacity
     with pytest.raises(ValueError, match="cannot share programs"):
         serving_plans([policy, cache_preset("h2o-0.45")], 64, 16, 4)
+
+
+def test_warmup_compiles_everything_and_leaves_the_slots_free(tiny):
+    params, cfg = tiny
+    eng = make_engine(params, cfg, POLICIES[:1], slots=2, max_prompt=32, max_new=16, max_prefill_batch=2)
+    eng.warmup()
+    assert eng.running == 0 and not eng.busy
+    before = dict(TRACE_COUNTS)
+    streams = [eng.submit(eng.prepare(Request(ids=list(range(3, 3 + n)), max_new=5))) for n in (4, 9, 20, 30, 31)]
+    eng.run()
+    assert dict(TRACE_COUNTS) == before
+    for s in streams:
+        assert served(s) == alone(tiny, list(s.request.ids), 5, POLICIES[0])

@@ -247,12 +247,38 @@ def test_bad_requests_are_400_with_the_error_body(server, path, body, param):
         assert err["code"] == "context_length_exceeded" and "maximum context" in err["message"]
 
 
+def test_engine_failure_mid_stream_is_an_error_chunk_then_the_server_recovers(server, client):
+    engine = server["engine"]
+    step = engine.step
+
+    def failing():
+        del engine.step  # fail once, then the class's own step again
+        raise RuntimeError("injected failure")
+
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events = []
+    with httpx.stream("POST", f"{server['url']}/v1/completions", json=body, timeout=TIMEOUT) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 1:
+                    engine.step = failing
+    assert engine.step == step
+    assert events[-1] == "[DONE]" and "injected failure" in json.loads(events[-2])["error"]["message"]
+    r = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert len(r.choices[0].token_ids) == 3 and engine.running == 0
+
+
 def test_invalid_json_and_unknown_model(server):
     r = httpx.post(f"{server['url']}/v1/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{server['url']}/v1/completions", json={"model": "gpt-9", "prompt": "Hi"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{server['url']}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "frobnicate": [1]},
+                   timeout=TIMEOUT)  # unknown fields are ignored
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_sigterm_drains_running_requests_then_exits():
