@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import threading
 import time
 from typing import Callable, Mapping, Sequence
@@ -73,10 +72,11 @@ def prompt_buckets(max_prompt: int) -> list[int]:
 def serving_plans(policies: Sequence[PyramidConfig], max_prompt: int, max_new: int, num_layers: int,
                   max_protected: int = 128) -> tuple[CachePlan, dict[int, CachePlan]]:
     """The engine's plan (every layer's capacity) and one prefill plan per prompt-length bucket, covering every
-    prompt of 1..max_prompt tokens with 1..max_new new tokens under each policy, with the policy's default
-    protect mask or up to `max_protected` protected tokens (a chat conversation's). All policies must be
-    `compatible` with the first, whose fields the programs compile. A request outside these (a longer
-    protected span) is refused by `Engine.prepare`, never truncated."""
+    prompt of 1..max_prompt tokens with 1 or max_new new tokens (the extremes of what a layer needs; fewer new
+    tokens can need more room, when they leave a layer uncompressed) under each policy, with the policy's
+    default protect mask or `max_protected` protected tokens (a chat conversation's). All policies must be
+    `compatible` with the first, whose fields the programs compile. `Engine.prepare` checks every request
+    against its plan and refuses one that does not fit (e.g. a longer protected span): never truncated."""
     base, L = policies[0], num_layers
     for p in policies[1:]:
         if not compatible(p, base):
@@ -211,10 +211,10 @@ class Engine:
         if len(ids) > self.max_prompt:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's maximum context for a prompt is "
                              f"{self.max_prompt} tokens")
-        after = len(r.suffix) + r.max_new
-        if not isinstance(r.max_new, int) or not 1 <= r.max_new or after > self.plan.new_bucket:
+        if not isinstance(r.max_new, int) or not 1 <= r.max_new <= self.plan.new_bucket - len(r.suffix):
             raise ValueError(f"max_new={r.max_new!r} (+ {len(r.suffix)} suffix tokens) must be an int in "
                              f"[1, {self.plan.new_bucket - len(r.suffix)}]")
+        after = len(r.suffix) + r.max_new
         if len(ids) + after > cfg.max_positions:
             raise ValueError(f"{len(ids)} prompt + {after} new tokens exceed the model's {cfg.max_positions} positions")
         if len(r.suffix) > self.forced:
@@ -240,17 +240,18 @@ class Engine:
         request = dataclasses.replace(request, ids=ids)
         return Stream(request=request, seq=seq, bucket=S_b, on_event=on_event)
 
-    def submit(self, sequence: Stream) -> Stream:
+    def submit(self, stream: Stream) -> Stream:
+        """Queue a prepared request (QueueFull when `max_waiting` wait already)."""
         with self._lock:
             if self.max_waiting is not None and len(self.waiting) + len(self._inbox) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are waiting already")
-            self._inbox.append(sequence)
-        return sequence
+            self._inbox.append(stream)
+        return stream
 
-    def cancel(self, sequence: Stream, reason: str = "cancelled") -> None:
-        """End a request (a client gone, a stop string seen): its slot is free within one decode chunk."""
+    def cancel(self, stream: Stream, reason: str = "cancelled") -> None:
+        """End a request (a client gone, a stop string seen): its slot is free after the next decode chunk."""
         with self._lock:
-            self._cancels.append((sequence, reason))
+            self._cancels.append((stream, reason))
 
     @property
     def running(self) -> int:
@@ -267,14 +268,14 @@ class Engine:
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox, cancels, self._cancels = [], self._cancels, []
-        for sequence, reason in cancels:
-            if sequence.finish is not None:
+        for stream, reason in cancels:
+            if stream.finish is not None:
                 continue
-            if sequence.slot is not None:
-                self._cancel_mask[sequence.slot] = True
-            elif sequence in self.waiting:
-                self.waiting.remove(sequence)
-            self._finish(sequence, reason)
+            if stream.slot is not None:
+                self._cancel_mask[stream.slot] = True
+            elif stream in self.waiting:
+                self.waiting.remove(stream)
+            self._finish(stream, reason)
         admitted = self._admit()
         dispatched = None
         if self.running or self._cancel_mask.any():
@@ -291,11 +292,11 @@ class Engine:
         if pending is not None:
             self._read_chunk(*pending)
         for rows, first, lengths in admitted:
-            for sequence, token, length in zip(rows, np.asarray(first), np.asarray(lengths)):
-                sequence.lengths_after_prefill = sequence.lengths_at_end = length.tolist()
-                if sequence.finish is None:
-                    sequence.first_token_at = time.perf_counter()
-                    self._emit(sequence, [] if sequence.request.suffix else [int(token)])
+            for stream, token, length in zip(rows, np.asarray(first), np.asarray(lengths)):
+                stream.lengths_after_prefill = stream.lengths_at_end = length.tolist()
+                if stream.finish is None:
+                    stream.first_token_at = time.perf_counter()
+                    self._emit(stream, [] if stream.request.suffix else [int(token)])
         return self.busy
 
     def run(self) -> None:
@@ -314,16 +315,16 @@ class Engine:
             tokens += nxt.bucket
         admitted = []
         by_bucket = collections.defaultdict(list)
-        for sequence in chosen:
-            by_bucket[sequence.bucket].append(sequence)
+        for stream in chosen:
+            by_bucket[stream.bucket].append(stream)
         slots = iter(free)
         for S_b, group in sorted(by_bucket.items()):
             size = self.prefill_batch(S_b)
             for i in range(0, len(group), size):
                 rows = group[i:i + size]
-                for sequence in rows:
-                    sequence.slot = next(slots)
-                    self.owner[sequence.slot] = sequence
+                for stream in rows:
+                    stream.slot = next(slots)
+                    self.owner[stream.slot] = stream
                 admitted.append((rows, *self._prefill_insert(S_b, rows)))
         return admitted
 
@@ -350,8 +351,8 @@ class Engine:
         P = 1 if len(rows) == 1 else self.prefill_batch(S_b)
         filled = rows + [rows[0]] * (P - len(rows))  # filler rows repeat the first; their slot index drops them
         tokens = np.full((P, S_b), self.cfg.pad_id, np.int32)
-        for i, sequence in enumerate(filled):
-            tokens[i, :len(sequence.request.ids)] = sequence.request.ids
+        for i, stream in enumerate(filled):
+            tokens[i, :len(stream.request.ids)] = stream.request.ids
         seq = jax.tree.map(lambda *xs: np.concatenate(xs), *[s.seq for s in filled])
         req = request_rows([s.request for s in filled], self.stop_width, self.forced)
         slot = np.array([self.slots if dropped else s.slot for s in rows] + [self.slots] * (P - len(rows)), np.int32)
@@ -362,35 +363,35 @@ class Engine:
 
     def _read_chunk(self, out, lengths, owners):
         out, lengths = np.asarray(out), np.asarray(lengths)
-        for slot, sequence in enumerate(owners):
-            if sequence is None or sequence.finish is not None:
+        for slot, stream in enumerate(owners):
+            if stream is None or stream.finish is not None:
                 continue
             self._lengths[slot] = lengths[slot]
-            sequence.lengths_at_end = lengths[slot].tolist()
+            stream.lengths_at_end = lengths[slot].tolist()
             row = out[slot]
-            self._emit(sequence, row[row >= 0].tolist())
+            self._emit(stream, row[row >= 0].tolist())
         self.live_tokens = int(sum(self._lengths[i].sum() for i, o in enumerate(self.owner) if o is not None))
 
-    def _emit(self, sequence: Stream, tokens: list[int]) -> None:
+    def _emit(self, stream: Stream, tokens: list[int]) -> None:
         """Hand new tokens to the request; end it where the device ended it (a stop id, or max_new)."""
-        r, finish = sequence.request, None
+        r, finish = stream.request, None
         for n, t in enumerate(tokens):
-            sequence.tokens.append(t)
-            if t in r.stop_ids or len(sequence.tokens) >= r.max_new:
+            stream.tokens.append(t)
+            if t in r.stop_ids or len(stream.tokens) >= r.max_new:
                 finish = "stop" if t in r.stop_ids else "length"
                 tokens = tokens[:n + 1]
                 break
         self.generated_tokens += len(tokens)
         if finish is not None:
-            self.owner[sequence.slot] = None
-            self._finish(sequence, finish, tokens)
-        elif tokens and sequence.on_event is not None:
-            sequence.on_event(sequence, tokens, None)
+            self.owner[stream.slot] = None
+            self._finish(stream, finish, tokens)
+        elif tokens and stream.on_event is not None:
+            stream.on_event(stream, tokens, None)
 
-    def _finish(self, sequence: Stream, reason: str, tokens: list[int] = ()) -> None:
-        sequence.finish, sequence.finished_at = reason, time.perf_counter()
-        if sequence.on_event is not None:
-            sequence.on_event(sequence, list(tokens), reason)
+    def _finish(self, stream: Stream, reason: str, tokens: list[int] = ()) -> None:
+        stream.finish, stream.finished_at = reason, time.perf_counter()
+        if stream.on_event is not None:
+            stream.on_event(stream, list(tokens), reason)
 
     def fail(self, message: str) -> None:
         """After a failed step: end every request in flight with the error and start over with empty slots

@@ -9,7 +9,7 @@ import pytest
 import pyrajax
 from pyrajax.cache import cache_preset
 from pyrajax.engine import Engine, QueueFull, Request, empty_state, make_engine, request_rows, serving_plans
-from pyrajax.generate import TRACE_COUNTS, Requests, decode_program, insert_program, prefill_program
+from pyrajax.generate import TRACE_COUNTS, decode_program, insert_program, prefill_program
 
 POLICIES = [cache_preset("budget-0.6:min_tokens=0"), cache_preset("budget-0.45:min_tokens=0,recent_ratio=0.1")]
 STOP = (7,)
