@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import time
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
