@@ -1,10 +1,12 @@
-"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile,longrun} [ARGS...]: one entry point for the benchmarks.
+"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile,longrun,serve,ceilings} [ARGS...]: one entry
+point for the benchmarks.
 
     python -m bench sweep --model llama2-7b --cache full paper budget-0.45
     python -m bench peer --model llama2-7b --mode static-compile
     python -m bench plots bench/results/sweep-llama2-7b-p512-n256.json
     python -m bench profile --model llama2-7b --runs full:1 budget-0.45:1 full:32 budget-0.45:32
     python -m bench longrun --calls 1000
+    python -m bench serve --model llama2-7b --cache full budget-0.45 --slots 32 --rates 1 2 4 8 16
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 COMMANDS = {"throughput": "bench.throughput", "sweep": "bench.sweep", "peer": "bench.hf_peer",
             "plots": "bench.plots", "kernels": "bench.kernels", "parity": "bench.parity",
-            "profile": "bench.profile", "longrun": "bench.longrun"}
+            "profile": "bench.profile", "longrun": "bench.longrun", "serve": "bench.serve",
+            "ceilings": "bench.ceilings"}
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,9 @@ import pyrajax
 from bench.throughput import add_workload_args, env_info
 from pyrajax.validate import cli_int
 from pyrajax import cache as kvc
-from pyrajax.generate import GenerationConfig, _decode_program, _prefill_program, bucket
+from pyrajax.engine import empty_state
+from pyrajax.generate import (GenerationConfig, Requests, bucket, decode_program, insert_program,
+                              prefill_program)
 
 ATTENTION = ("decode_attention.py", "_common.py")  # the kernel, its XLA epilogue / reference, their helpers
 EVICTION = ("evict", "_evict", "_evict.<locals>.run", "recency_weights")  # scoring / picking evictions
@@ -259,21 +261,24 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
     plan = kvc.make_plan(gcfg.policy, S, T, cfg.num_layers, requests=((args.prompt, args.new),))
     seq = kvc.make_seq_plan(plan, [args.prompt] * B, args.new)
     tokens = np.asarray(rng.integers(3, cfg.vocab_size, (B, S)), np.int32)
-    seeds, active = np.zeros((B,), np.uint32), np.ones((B,), bool)
-    forced, n_forced = np.zeros((B, 1), np.int32), np.zeros((B,), np.int32)
-    temp, top_p, stop = np.zeros((B,), np.float32), np.ones((B,), np.float32), np.zeros((0,), np.int32)
-    static = dict(plan=plan, cfg=cfg, mode=gcfg.sampling_mode, impl=impl)
     steps = min(args.steps or args.new - 1, args.new - 1)
-    max_new = np.full((B,), steps + 1, np.int32)  # the loop runs `steps` decode steps
+    # every slot runs `steps` decode steps: max_new counts the token sampled after prefill too
+    req = Requests(seed=np.zeros((B,), np.uint32), temperature=np.zeros((B,), np.float32),
+                   top_k=np.zeros((B,), np.int32), top_p=np.ones((B,), np.float32),
+                   max_new=np.full((B,), steps + 1, np.int32), stop=np.full((B, 1), -1, np.int32),
+                   forced=np.zeros((B, 1), np.int32), n_forced=np.zeros((B,), np.int32))
+    cancel, exit_on_finish = np.zeros((B,), bool), np.bool_(False)
 
-    def prefill():
-        first, cache = _prefill_program(params, tokens, seq, seeds, temp, top_p, **static)
-        return jax.block_until_ready((first, cache))
+    def prefill():  # a fresh decode state with every slot prefilled (the decode program donates it)
+        first, cache, _ = prefill_program(params, tokens, seq, req, plan=plan, cfg=cfg, impl=impl,
+                                          window=plan.window)
+        state = empty_state(params, cfg, plan, plan, S, B, 1, 1, impl)
+        return jax.block_until_ready(insert_program(state, cache, req, first, np.arange(B, dtype=np.int32)))
 
     t0 = time.perf_counter()
-    first, cache = prefill()
-    compiled = _decode_program.lower(params, cache, first, forced, n_forced, active, seeds, max_new, temp,
-                                     top_p, stop, **static).compile()
+    state = prefill()
+    compiled = decode_program.lower(params, state, cancel, exit_on_finish, plan=plan, cfg=cfg, impl=impl,
+                                    steps=steps).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     index = hlo_index(hlo)
@@ -282,21 +287,19 @@ def profile_run(params, cfg, spec: str, args, out_dir: Path) -> dict:
         with gzip.open(hlo_file, "wt") as f:
             f.write(hlo)
 
-    def decode():  # a fresh prefilled cache each time: the decode program donates it
-        first, cache = prefill()
+    def decode():
+        state = prefill()
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, forced, n_forced, active, seeds, max_new, temp, top_p, stop)
-        jax.block_until_ready((out, cache))
+        jax.block_until_ready(compiled(params, state, cancel, exit_on_finish))
         return time.perf_counter() - t
 
     decode()  # warm-up
     walls = [decode() for _ in range(args.repeat)]
     trace_dir = tempfile.mkdtemp(prefix="pyrajax-profile-")
-    first, cache = prefill()
+    state = prefill()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
-        out, cache = compiled(params, cache, first, forced, n_forced, active, seeds, max_new, temp, top_p, stop)
-        jax.block_until_ready((out, cache))
+        _, out, _ = jax.block_until_ready(compiled(params, state, cancel, exit_on_finish))
         traced_wall = time.perf_counter() - t
     first_tokens = np.asarray(out)[0, :16].tolist()
     row = dict(run=spec, cache=cache_name, batch=batch, impl=impl, steps=steps, compile_seconds=compile_s,

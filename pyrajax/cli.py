@@ -104,7 +104,8 @@ def plot_pyramid(args) -> int:
     return 0
 
 
-FORWARDED = {"eval": "quality evaluation (perplexity, needle retrieval, agreement): see `pyrajax eval -h`",
+FORWARDED = {"serve": "an OpenAI-compatible HTTP server with continuous batching: see `pyrajax serve -h`",
+             "eval": "quality evaluation (perplexity, needle retrieval, agreement): see `pyrajax eval -h`",
              "bench": "GPU benchmarks (throughput, sweep, peer, plots, kernels, parity): see `pyrajax bench -h`"}
 
 
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:
         from pyrajax.eval import main as eval_main
         return eval_main(argv[1:]) or 0
+    if argv[:1] == ["serve"]:
+        from pyrajax.server import main as serve_main
+        return serve_main(argv[1:])
     if argv[:1] == ["bench"]:
         from bench.__main__ import main as bench_main
         return bench_main(argv[1:])

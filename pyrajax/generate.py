@@ -10,11 +10,12 @@ import dataclasses
 import functools
 import time
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 try:
     from jax.extend.random import threefry2x32_p
@@ -68,11 +69,6 @@ class GenerationConfig:
                              f"{validate.describe(self.cache)}")
         object.__setattr__(self, "policy", self.cache if isinstance(self.cache, PyramidConfig)
                            else kvc.cache_preset(self.cache))
-
-    @property
-    def sampling_mode(self) -> tuple[bool, int, bool]:
-        """(greedy, top_k, nucleus): the static part of the sampler."""
-        return self.temperature == 0, self.top_k, self.top_p < 1.0
 
 
 @dataclasses.dataclass
@@ -219,7 +215,13 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
     front is the same as deciding each just before its append. Up front, one branch serves all layers: the
     candidates, scores and top-k run only on steps where some layer of some sequence triggers (one step in
     `gen_block` under the budget rule), and the GPU waits for one branch predicate per step, not one per
-    layer (measured: 32 per-layer branches left the H100 idle 0.3 ms per 7B step)."""
+    layer (measured: 32 per-layer branches left the H100 idle 0.3 ms per 7B step).
+
+    Slots that started at different steps trigger on different steps, so with many slots some slot triggers
+    on almost every step, and an eviction over the whole batch on each of those steps cost more (measured: 32
+    slots, CPU) than the rest of the eviction work. So in larger batches, on steps where at most
+    `_eviction_group` rows trigger, only those rows run it (`_on_rows`); where more do (slots in step), the
+    whole batch. A sequence's evictions are its own either way."""
     policy, seq, layers = plan.policy, cache.seq, list(cache.layers)
     todo = [l for l in range(plan.num_layers) if policy.gen_rule != "none" and plan.evict[l]]
     if not todo:
@@ -231,7 +233,8 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
         trigger = jnp.stack([layers[l].length for l in todo], axis=1) >= seq.budget[:, np.array(todo)]
     trigger = trigger & live[:, None]
 
-    def run():
+    def run(cache, p, trigger):  # on any rows: the batch's, or a group of them
+        seq, layers = cache.seq, cache.layers
         scorer = policy.decode_scorer
         if scorer == "window":
             weights = kvc.recency_weights(cache.row_pos, p - 1, seq.window, policy.recency_weight, policy.observe)
@@ -253,12 +256,41 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
             out.append(kvc.evict(lc, scores, candidate, trigger[:, i], plan.evict[l]))
         return tuple(out)
 
-    def skip():
+    def skip(*_):
         return tuple((layers[l].pos, layers[l].length) for l in todo)
 
-    for l, (pos, length) in zip(todo, jax.lax.cond(jnp.any(trigger), run, skip)):
+    group = _eviction_group(p.shape[0], policy.gen_block)
+    if group < p.shape[0]:  # nothing, the few triggered rows alone, or (many trigger) the whole batch
+        n = jnp.sum(jnp.any(trigger, axis=1))
+        few = lambda cache, p, trigger: _on_rows(run, cache, todo, p, trigger, group,  # noqa: E731
+                                                 keep_values=policy.value_weighted)
+        evicted = jax.lax.switch((n > 0).astype(jnp.int32) + (n > group), [skip, few, run], cache, p, trigger)
+    else:
+        evicted = jax.lax.cond(jnp.any(trigger), run, skip, cache, p, trigger)
+    for l, (pos, length) in zip(todo, evicted):
         layers[l] = layers[l].replace(pos=pos, length=length)
     return tuple(layers)
+
+
+def _eviction_group(batch: int, block: int) -> int:
+    """Rows one eviction pass takes when few rows trigger: twice the rows that trigger per step on average when
+    every slot is at its own phase (each slot evicts once in `block` steps)."""
+    return min(batch, 2 * -(-batch // block))
+
+
+def _on_rows(run, cache: KVCache, todo: list[int], p, trigger, group: int, keep_values: bool = False):
+    """`run` (the eviction of a cache's rows) on the rows that trigger, at most `group` of them: gathers what
+    eviction reads of those rows (never the keys, and the values only for value-weighted scores) and scatters
+    back the (pos, length) of every layer in `todo`."""
+    B = p.shape[0]
+    hit = jnp.any(trigger, axis=1)
+    rows = jnp.argsort(~hit, stable=True)[:group]  # the triggered rows first
+    rows = jnp.where(hit[rows], rows, B)  # B: no row
+    safe = jnp.minimum(rows, B - 1)
+    light = cache.replace(layers=tuple(lc.replace(k=None, v=lc.v if keep_values else None) for lc in cache.layers))
+    got = run(jax.tree.map(lambda x: x[safe], light), p[safe], trigger[safe] & (rows < B)[:, None])
+    return tuple((cache.layers[l].pos.at[rows].set(pos, mode="drop"),
+                  cache.layers[l].length.at[rows].set(length, mode="drop")) for l, (pos, length) in zip(todo, got))
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
@@ -322,73 +354,149 @@ def sampling_noise(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
 
 
 def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array,
-           mode: tuple[bool, int, bool]) -> jax.Array:
-    """One token per row. mode = (greedy, top_k, nucleus), static so that greedy decoding compiles to a bare
-    argmax. Otherwise: temperature, then top-k (k static, 0 = off; like HF, every logit tied with the k-th
-    largest stays), then nucleus top-p when `nucleus`: the smallest set of tokens whose probability mass
-    reaches top_p, taken best first, ties in token-id order (so exactly that many tokens stay, as in HF),
-    then a Gumbel-max draw with the row's own noise (`sampling_noise`). temperature, top_p: [B] or scalar."""
-    greedy, top_k, nucleus = mode
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+           top_k: jax.Array | int = 0) -> jax.Array:
+    """One token per row, every setting per row ([B] or a scalar), so requests with different settings share
+    one compiled program. temperature 0 is greedy (a bare argmax of the logits). Otherwise: temperature, then
+    top-k (0 = off; like HF, every logit tied with the k-th largest stays), then nucleus top-p (1 = off): the
+    smallest set of tokens whose probability mass reaches top_p, taken best first, ties in token-id order (so
+    exactly that many tokens stay, as in HF), then a Gumbel-max draw with the row's own noise
+    (`sampling_noise`). The sampling work runs only on steps where some row samples, the vocabulary sort only
+    where some row filters."""
     B, V = logits.shape
-    x = logits.astype(jnp.float32) / jnp.broadcast_to(temperature, (B,))[:, None]
-    if top_k:
-        kth = jax.lax.top_k(x, top_k)[0][:, -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if nucleus:
+    row = lambda a, dtype: jnp.broadcast_to(jnp.asarray(a, dtype), (B,))  # noqa: E731
+    temperature, top_p, top_k = row(temperature, jnp.float32), row(top_p, jnp.float32), row(top_k, jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def filtered(x):
         order = jnp.argsort(-x, axis=-1, stable=True)  # best first; ties: lower token id first
-        probs = jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < jnp.broadcast_to(top_p, (B,))[:, None]  # mass before < p
-        keep = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep)
-        x = jnp.where(keep, x, -jnp.inf)
-    return jnp.argmax(x + sampling_noise(seeds, steps, V), axis=-1).astype(jnp.int32)
+        ranked = jnp.take_along_axis(x, order, axis=-1)
+        kth = jnp.take_along_axis(ranked, jnp.maximum(top_k - 1, 0)[:, None], axis=-1)
+        ranked = jnp.where((top_k[:, None] > 0) & (ranked < kth), -jnp.inf, ranked)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        # mass before < p; top_p = 1 keeps everything (a cumulative sum may round to 1 before the tail)
+        keep = (top_p[:, None] >= 1) | (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
+        keep = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep & (ranked > -jnp.inf))
+        return jnp.where(keep, x, -jnp.inf)
+
+    def sampled():
+        x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filtered, lambda x: x, x)
+        drawn = jnp.argmax(x + sampling_noise(seeds, steps, V), axis=-1).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"))
-def _prefill_program(params, tokens, seq, seeds, temperature, top_p, *, plan, cfg, mode, impl):
+# ---------------------------------------------------------------------------------------------------------
+# The three compiled programs: prefill of admitted requests, insert into slots, decode of k steps for all slots
+
+@struct.dataclass
+class Requests:
+    """Per-request settings as data ([N] rows: the requests of a prefill batch, or every slot's)."""
+    seed: jax.Array  # uint32
+    temperature: jax.Array  # float32, 0 = greedy
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # float32, 1 = off
+    max_new: jax.Array  # int32: tokens to generate at most
+    stop: jax.Array  # [N, n_stop] int32 stop ids, -1 = unused
+    forced: jax.Array  # [N, F] int32: tokens fed after the prompt, before generating (a suffix)
+    n_forced: jax.Array  # int32
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries for B slots: one donated pytree. A slot whose `done` is set (finished,
+    cancelled or never filled) still runs through the batch but leaves its cache untouched."""
+    cache: KVCache
+    req: Requests
+    token: jax.Array  # [B] the next input token
+    count: jax.Array  # [B] tokens generated so far
+    fed: jax.Array  # [B] index in `forced` of the token being fed
+    done: jax.Array  # [B] bool
+
+
+def _widen_ring(cache: KVCache, window: int) -> KVCache:
+    """Re-index the window-row ring from the prefill bucket's W_b rows to `window` >= W_b rows: ring row r holds
+    the query at position p = r (mod rows); the last W_b prompt positions stay, each in its new row."""
+    if cache.row_pos is None or cache.row_pos.shape[1] == window:
+        return cache
+    W_b = cache.row_pos.shape[1]
+    start = (cache.seq.prompt_len - W_b)[:, None]
+    p = start + jnp.mod(jnp.arange(window)[None, :] - start, window)  # the position row r may hold
+    valid = (p >= 0) & (p < cache.seq.prompt_len[:, None])
+    src = jnp.mod(p, W_b)
+    row_pos = jnp.where(valid, jnp.take_along_axis(cache.row_pos, src, axis=1), -1)
+    layers = tuple(lc if lc.rows is None else lc.replace(
+        rows=jnp.where(valid[:, :, None], jnp.take_along_axis(lc.rows, src[:, :, None], axis=1), 0.0))
+        for lc in cache.layers)
+    return cache.replace(layers=layers, row_pos=row_pos)
+
+
+def _is_stop(token: jax.Array, stop: jax.Array) -> jax.Array:
+    return jnp.any(token[:, None] == stop, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "window"))
+def prefill_program(params, tokens, seq, req, *, plan, cfg, impl, window):
+    """Prefill a batch of admitted requests under their bucket's plan and sample each one's first token.
+    Returns (first tokens [N], the cache in the engine's layout (its `window` ring rows), the per-layer cache
+    lengths [N, L])."""
     TRACE_COUNTS["prefill"] += 1
     logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
-    return sample(logits, seeds, jnp.zeros_like(seeds), temperature, top_p, mode), cache
+    first = sample(logits, req.seed, jnp.zeros_like(req.seed), req.temperature, req.top_p, req.top_k)
+    return first, _widen_ring(cache, window), jnp.stack([lc.length for lc in cache.layers], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "mode", "impl"), donate_argnames=("cache",))
-def _decode_program(params, cache, first, forced, n_forced, active, seeds, max_new, temperature, top_p, stop_ids,
-                    *, plan, cfg, mode, impl):
-    """The decode loop. Row b first feeds its `n_forced[b]` tokens `forced[b]` (a continuation of its prompt,
-    appended to its compressed cache with eviction active: `extend` inside the loop), then generates up to
-    `max_new[b]` tokens; without forced tokens its first token is `first` (sampled after prefill). Every
-    row samples with its own seed and its own count of generated tokens, so its output depends on nothing
-    else in the batch. Inactive rows (the batch bucket's filler) count as done from the start."""
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert_program(state: DecodeState, cache: KVCache, req: Requests, first, slot) -> DecodeState:
+    """Write prefilled requests into slots `slot` [N] (data: one program serves every slot; an index past the
+    last slot drops its row, as for a prefill batch's filler rows). A request with forced tokens feeds them
+    first; one without starts from its sampled first token, already counted."""
+    TRACE_COUNTS["insert"] += 1
+    put = lambda whole, rows: whole.at[slot].set(rows, mode="drop")  # noqa: E731
+    from_prefill = req.n_forced == 0
+    count = from_prefill.astype(jnp.int32)
+    done = from_prefill & (_is_stop(first, req.stop) | (count >= req.max_new))
+    token = jnp.where(from_prefill, first, req.forced[:, 0])
+    return DecodeState(cache=jax.tree.map(put, state.cache, cache), req=jax.tree.map(put, state.req, req),
+                       token=put(state.token, token), count=put(state.count, count),
+                       fed=put(state.fed, jnp.zeros_like(count)), done=put(state.done, done))
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "steps"), donate_argnames=("state",))
+def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, cfg, impl, steps):
+    """Up to `steps` decode steps for every slot: a slot first feeds its forced tokens (appended to its
+    compressed cache with eviction active, as `extend`), then samples up to `max_new` tokens with its own seed
+    and its own count of generated tokens, so its output depends on nothing else in the batch, nor on `steps`.
+    `cancel` [B] ends slots first. The loop ends after `steps` steps, when every slot is done, or (when
+    `exit_on_finish`, i.e. requests wait for a slot) as soon as one slot finishes.
+    Returns (state, tokens [B, steps]: each slot's generated tokens in order, -1 after, per-layer lengths [B, L])."""
     TRACE_COUNTS["decode"] += 1
-    B, F = forced.shape
+    B, F = state.req.forced.shape
     rows = jnp.arange(B)
-    T = plan.new_bucket
-    from_prefill = n_forced == 0
-    out = jnp.full((B, T), -1, jnp.int32).at[:, 0].set(jnp.where(from_prefill, first, -1))
-    count = from_prefill.astype(jnp.int32)  # tokens generated so far
-    done = ~active | (from_prefill & (jnp.isin(first, stop_ids) | (count >= max_new)))
-    token = jnp.where(from_prefill, first, forced[:, 0])
+    start = state.done | cancel
 
-    def cond(state):
-        i, _, _, _, _, done = state
-        return (i < T + F) & ~jnp.all(done)
+    def cond(carry):
+        i, st, _ = carry
+        finished = jnp.any(st.done & ~start)
+        return (i < steps) & ~jnp.all(st.done) & ~(exit_on_finish & finished)
 
-    def body(state):
-        i, token, count, cache, out, done = state
-        logits, cache = decode_step(params, cache, token, plan, cfg, impl, live=~done)
-        sampled = sample(logits, seeds, count, temperature, top_p, mode)
-        feeding = i + 1 < n_forced  # the next input is still a forced token
-        emit = ~feeding & ~done
-        out = out.at[rows, jnp.where(emit, count, T)].set(sampled, mode="drop")
-        count = count + emit
-        done = done | (emit & (jnp.isin(sampled, stop_ids) | (count >= max_new)))
-        token = jnp.where(feeding, forced[rows, jnp.minimum(i + 1, F - 1)], sampled)
-        return i + 1, token, count, cache, out, done
+    def body(carry):
+        i, st, out = carry
+        r = st.req
+        logits, cache = decode_step(params, st.cache, st.token, plan, cfg, impl, live=~st.done)
+        sampled = sample(logits, r.seed, st.count, r.temperature, r.top_p, r.top_k)
+        feeding = st.fed + 1 < r.n_forced  # the next input is still a forced token
+        emit = ~feeding & ~st.done
+        out = out.at[:, i].set(jnp.where(emit, sampled, -1))
+        count = st.count + emit
+        done = st.done | (emit & (_is_stop(sampled, r.stop) | (count >= r.max_new)))
+        token = jnp.where(feeding, r.forced[rows, jnp.minimum(st.fed + 1, F - 1)], sampled)
+        return i + 1, st.replace(cache=cache, token=token, count=count, fed=st.fed + 1, done=done), out
 
-    state = (jnp.int32(0), token, count, cache, out, done)
-    _, _, _, cache, out, _ = jax.lax.while_loop(cond, body, state)
-    return out, cache
+    carry = (jnp.int32(0), state.replace(done=start), jnp.full((B, steps), -1, jnp.int32))
+    _, state, out = jax.lax.while_loop(cond, body, carry)
+    return state, out, jnp.stack([lc.length for lc in state.cache.layers], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))
@@ -476,45 +584,24 @@ def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, su
         # tokens, so the output is the full cache's bit for bit (and no selection work is done).
         policy = PyramidConfig.full()
     plan = kvc.make_plan(policy, S, T, mc.num_layers, requests=tuple(zip(lens, after, protected)))
-    # Filler rows for the batch bucket repeat the first request; they are inactive and their results dropped.
-    fill = lambda xs: list(xs) + [xs[0]] * (B - n)
-    rows, row_masks, row_suffixes = fill(prompts), fill(masks), fill(suffixes)
-    seq = kvc.make_seq_plan(plan, [len(p) for p in rows], fill(after), row_masks)
-    tokens = np.full((B, S), mc.pad_id, np.int32)
-    forced = np.zeros((B, F), np.int32)
-    for i, (p, x) in enumerate(zip(rows, row_suffixes)):
-        tokens[i, :len(p)] = p
-        forced[i, :len(x)] = x
-    n_forced = np.array([len(x) for x in row_suffixes], np.int32)
-    stop = np.array(cfg.stop_ids if cfg.stop_ids is not None else mc.eos_ids, np.int32).reshape(-1)
-    seeds = np.full((B,), cfg.seed, np.uint32)  # every sequence draws from its own seed, whatever its row
-    active = np.arange(B) < n
-    max_new = np.full((B,), cfg.max_new_tokens, np.int32)
-    temperature, top_p = np.full((B,), cfg.temperature, np.float32), np.full((B,), cfg.top_p, np.float32)
-
+    stop = tuple(cfg.stop_ids if cfg.stop_ids is not None else mc.eos_ids)
+    from pyrajax.engine import Engine, Request  # the engine drives these programs: imported late, not circular
+    engine = Engine(params, mc, plan, {S: plan}, slots=B, forced=F, stop_width=bucket(max(len(stop), 1), 1),
+                    impl=cfg.impl)
+    streams = [engine.submit(engine.prepare(Request(
+        ids=p, max_new=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        seed=cfg.seed, stop_ids=stop, protect=m, suffix=x))) for p, m, x in zip(prompts, masks, suffixes)]
     t0 = time.perf_counter()
-    first, cache = _prefill_program(params, tokens, seq, seeds, temperature, top_p, plan=plan, cfg=mc,
-                                    mode=cfg.sampling_mode, impl=cfg.impl)
-    first.block_until_ready()
+    engine.step()  # every request is admitted at once: one prefill batch, as one batch bucket
     t1 = time.perf_counter()
-    after_prefill = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
-    per_layer = kvc.kv_bytes(cache)
-    out, cache = _decode_program(params, cache, first, forced, n_forced, active, seeds, max_new, temperature,
-                                 top_p, stop, plan=plan, cfg=mc, mode=cfg.sampling_mode, impl=cfg.impl)
-    out = np.asarray(out)
+    engine.run()
     t2 = time.perf_counter()
 
-    tokens_out = []
-    for row in out[:n, :cfg.max_new_tokens]:
-        seq_toks = []
-        for t in row.tolist():
-            if t < 0 or t in stop:
-                break
-            seq_toks.append(t)
-        tokens_out.append(seq_toks)
-    at_end = np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n]
-    itemsize = jnp.dtype(params.embed.dtype).itemsize
-    per_token = mc.kv_bytes_per_token_layer(itemsize)
+    tokens_out = [[t for t in s.tokens if t not in stop] for s in streams]
+    after_prefill = np.array([s.lengths_after_prefill for s in streams])
+    at_end = np.array([s.lengths_at_end for s in streams])
+    per_layer = engine.kv_bytes_per_layer
+    per_token = engine.kv_bytes_per_token
     full = B * mc.num_layers * (S + T) * per_token
     # What the full cache would hold for these requests (their own lengths, no buckets): the measured fraction.
     requested = sum((s + a) for s, a in zip(lens, after)) * mc.num_layers * per_token

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 import pyrajax
 from pyrajax.cache import FAMILIES, PyramidConfig, cache_preset, layer_lengths, make_plan, make_seq_plan
-from pyrajax.generate import _prefill_program, prefill
+from pyrajax.generate import prefill
 from tests.conftest import SHARED_DATA
 
 # Runs the whole selection path (window scoring, top-k, gather of survivors) but keeps every token.

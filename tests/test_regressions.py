@@ -167,9 +167,8 @@ def test_item7_errors_name_the_request():
 def support(logits, top_p, top_k=0, n=3000):
     """Empirical distribution of n draws: n rows of the same logits and seed, one step each."""
     rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
-    draw = jax.jit(sample, static_argnames="mode")(rows, jnp.full((n,), 3, jnp.uint32), jnp.arange(n),
-                                                   jnp.float32(1.0), jnp.float32(top_p),
-                                                   mode=(False, top_k, top_p < 1))
+    draw = jax.jit(sample)(rows, jnp.full((n,), 3, jnp.uint32), jnp.arange(n), jnp.float32(1.0),
+                           jnp.float32(top_p), top_k)
     return np.bincount(np.asarray(draw), minlength=len(logits)) / n
 
 
