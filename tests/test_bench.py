@@ -1,5 +1,5 @@
 """bench.throughput: with several runs, each is measured in its own subprocess (peak memory is a per-process
-high-water mark), and the parent merges them into the usual single JSON."""
+high-water mark), and the parent merges them into the usual single JSON; bench.serve's load and summary."""
 from __future__ import annotations
 
 import json
@@ -27,3 +27,21 @@ def test_single_policy_stays_in_process(tmp_path):
     out = tmp_path / "tp.json"
     assert throughput.main([*WORKLOAD, "--cache", "full", "--out", str(out)]) == 0
     assert [r["pid"] for r in json.loads(out.read_text())["runs"]] == [os.getpid()]
+
+
+def test_serve_load_is_poisson_and_summarized():
+    """bench serve's workload (Poisson arrivals, lengths in range) and its percentiles, without a server."""
+    import argparse
+    import numpy as np
+    from bench.serve import summarize, workload
+    args = argparse.Namespace(requests=2000, prompt_min=128, prompt_max=2048, new_min=64, new_max=512)
+    w = workload(args, rate=4.0, vocab=1000, seed=0)
+    times = np.array([t for t, _, _ in w])
+    assert times[0] == 0 and np.all(np.diff(times) >= 0)
+    assert abs(len(w) / times[-1] - 4.0) < 0.4  # mean rate
+    assert all(128 <= len(p) <= 2048 and 64 <= n <= 512 for _, p, n in w)
+    records = [dict(status=200, sent=0.0, first=0.5, last=0.5 + 0.01 * (n - 1), tokens=n) for n in (10, 20, 30)]
+    records.append(dict(status=503, sent=0.0))
+    s = summarize(records, [{"pyrajax_requests_running": 3.0, "pyrajax_kv_cache_live_bytes": 10.0}])
+    assert s["ok"] == 3 and s["refused"] == 1 and s["output_tokens"] == 60
+    assert abs(s["tpot_s"]["p50"] - 0.01) < 1e-9 and s["ttft_s"]["p99"] == 0.5 and s["slots_in_use_max"] == 3.0
