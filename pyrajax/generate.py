@@ -1,8 +1,11 @@
-"""Prefill, decode step, the jitted decode loop and the public `generate`.
+"""Prefill, decode step, sampling, the three compiled programs and the public `generate`.
 
-One compiled prefill and one compiled decode loop serve every request of a bucket: prompts are right-padded to
-a length bucket, the batch to a batch bucket, and `max_new_tokens` to a generation bucket; everything that
-varies inside a bucket (prompt lengths, per-sequence schedules, the number of steps) is data.
+The programs (prefill of a batch of requests, insert into decode slots, decode of k steps for all slots) are
+the only way tokens are generated: `generate` runs them through `pyrajax.engine.Engine` to completion over
+one batch, the server runs the same engine continuously. One compiled program of each kind serves every request
+of a bucket: prompts are right-padded to a length bucket, the batch to a batch bucket, and `max_new_tokens` to a
+generation bucket; everything that varies inside a bucket (prompt lengths, per-sequence schedules, sampling
+settings, the number of steps) is data.
 """
 from __future__ import annotations
 

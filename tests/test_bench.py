@@ -1,5 +1,5 @@
 """bench.throughput: with several runs, each is measured in its own subprocess (peak memory is a per-process
-high-water mark), and the parent merges them into the usual single JSON."""
+high-water mark), and the parent merges them into the usual single JSON; bench.serve's load and summary."""
 from __future__ import annotations
 
 import json
@@ -43,6 +43,25 @@ def test_rooflines_use_the_measured_ceilings(tmp_path):
     stats = dict(lengths_after_prefill=[[8] * 2] * 2, lengths_at_end=[[11] * 2] * 2)
     import pyrajax
     cfg = pyrajax.preset("tiny")
-    slow = throughput.roofline(cfg, 10**6, 2, 8, 3, stats, dict(copy_bytes_per_second=1e9, matmul_flops_per_second=1e9))
-    fast = throughput.roofline(cfg, 10**6, 2, 8, 3, stats, dict(copy_bytes_per_second=2e9, matmul_flops_per_second=2e9))
+    ideal = lambda rate: throughput.roofline(cfg, 10**6, 2, 8, 3, stats, dict(copy_bytes_per_second=rate,  # noqa: E731
+                                                                             matmul_flops_per_second=rate))
+    slow, fast = ideal(1e9), ideal(2e9)
     assert abs(fast["tokens_per_second"] / slow["tokens_per_second"] - 2) < 1e-9
+
+
+def test_serve_load_is_poisson_and_summarized():
+    """bench serve's workload (Poisson arrivals, lengths in range) and its percentiles, without a server."""
+    import argparse
+    import numpy as np
+    from bench.serve import summarize, workload
+    args = argparse.Namespace(requests=2000, prompt_min=128, prompt_max=2048, new_min=64, new_max=512)
+    w = workload(args, rate=4.0, vocab=1000, seed=0)
+    times = np.array([t for t, _, _ in w])
+    assert times[0] == 0 and np.all(np.diff(times) >= 0)
+    assert abs(len(w) / times[-1] - 4.0) < 0.4  # mean rate
+    assert all(128 <= len(p) <= 2048 and 64 <= n <= 512 for _, p, n in w)
+    records = [dict(status=200, sent=0.0, first=0.5, last=0.5 + 0.01 * (n - 1), tokens=n) for n in (10, 20, 30)]
+    records.append(dict(status=503, sent=0.0))
+    s = summarize(records, [{"pyrajax_requests_running": 3.0, "pyrajax_kv_cache_live_bytes": 10.0}])
+    assert s["ok"] == 3 and s["refused"] == 1 and s["output_tokens"] == 60
+    assert abs(s["tpot_s"]["p50"] - 0.01) < 1e-9 and s["ttft_s"]["p99"] == 0.5 and s["slots_in_use_max"] == 3.0
