@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from pyrajax import validate
 from pyrajax.cache import PyramidConfig
 from pyrajax.engine import Engine, QueueFull, Request, Stream
 from pyrajax.prompts import chat_prompt
@@ -215,6 +216,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, policies: dict[str, P
             raise APIError(400, "stop strings need a tokenizer; this server has none (use token ids)", param="stop")
         seed = _field(body, "seed", int, None, check=lambda x: 0 <= x < 2**32, why="an int in [0, 2**32)")
         top_k = _field(body, "top_k", int, 0, check=lambda x: x >= -1, why="an int >= 0 (0 or -1 = off)")
+        vocab = engine.cfg.vocab_size  # the vocabulary bounds in the Python API's words (pyrajax.validate)
+        for param, check in (("top_k", lambda: validate.sampling(0.0, max(top_k, 0), 1.0, vocab)),
+                             ("stop", lambda: validate.stop_ids(stop_ids, vocab))):
+            try:
+                check()
+            except ValueError as e:
+                raise APIError(400, str(e), param=param) from None
         request = Request(
             ids=ids, protect=protect, policy=policies[name],
             max_new=_field(body, max_field, int, max_default, check=lambda x: x >= 1, why="a positive int"),
