@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import jax
