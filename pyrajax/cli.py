@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="chat answers from the embedded SmolLM2-135M-Instruct, full vs pyramid cache")
     d.add_argument("--checkpoint", help="a converted checkpoint (default: the embedded model, fetched once)")
-    d.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "budget-256", "h2o-256"],
+    d.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "pyramid-256", "budget-256"],
                    help="cache policies")
     d.add_argument("--max-new-tokens", type=cli_int(1), default=64)
     d.add_argument("--prompt", action="append", help="a user message (repeatable); default: three examples")
