@@ -884,8 +884,7 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
     write()  # the rows so far, for the workers to start from
     base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet",
             "--worker"]
-    env = dict(os.environ)
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (workers + 1):.3f}")
+    env = dict(os.environ)  # holds grid_main's XLA_PYTHON_CLIENT_MEM_FRACTION: each process's share of the device
     queue, running, slowest = list(names), {}, 0.0
     while queue or running:
         while queue and len(running) < workers:

@@ -199,20 +199,24 @@ def cli_int(low: int):
     return parse
 
 
-def cli_cache(text: str) -> str:
-    """An argparse type: a cache policy name that `cache_preset` accepts (checked before any model loads)."""
-    from pyrajax.cache import cache_preset
-    try:
-        cache_preset(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _cli_type(check):
+    """An argparse type from a check that raises ValueError: the text itself, or argparse's error with the
+    check's message."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return parse
 
 
-def cli_dtype(text: str) -> str:
-    """An argparse type: a weight dtype name."""
-    try:
-        dtype(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _check_cache(text: str) -> None:
+    from pyrajax.cache import cache_preset  # cache imports this module
+    cache_preset(text)
+
+
+# argparse types: a cache policy name that `cache_preset` accepts (checked before any model loads), and a
+# weight dtype name.
+cli_cache = _cli_type(_check_cache)
+cli_dtype = _cli_type(dtype)
