@@ -63,7 +63,7 @@ def start_server(args, policy: str, slots: int, port: int, log_path: Path) -> su
            "--slots", str(slots), "--max-prompt", str(args.prompt_max), "--max-new", str(args.new_max),
            "--steps", str(args.steps), "--max-waiting", str(args.requests * 2), "--port", str(port),
            "--max-protected", str(args.max_protected), "--drain-timeout", "5", "--warmup",
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--min-bucket", str(args.min_bucket)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
@@ -193,6 +193,18 @@ def bench_policy(args, policy: str, slots: int, vocab: int, out_dir: Path) -> di
             proc.kill()
 
 
+def offline_generate(args, policy: str, slots: int, out_dir: Path) -> dict:
+    """Offline `generate` of `slots` prompts of --prompt-max tokens and --new-max new tokens (bench.throughput,
+    in a child process so that it holds the device alone)."""
+    out = out_dir / f"serve-offline-{args.model}-{policy}.json"
+    subprocess.run([sys.executable, "-m", "bench.throughput", "--model", args.model, "--batch", str(slots),
+                    "--prompt", str(args.prompt_max), "--new", str(args.new_max), "--cache", policy,
+                    "--repeat", "2", "--out", str(out)], cwd=REPO, check=True)
+    row = json.loads(out.read_text())["runs"][0]
+    return {k: row[k] for k in ("tokens_per_second", "prefill_seconds", "decode_ms_per_step", "kv_bytes",
+                                "fraction_of_roofline")}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -268,6 +280,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-min", type=int, default=64)
     ap.add_argument("--new-max", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per compiled call")
+    ap.add_argument("--min-bucket", type=int, default=16, help="the servers' smallest prompt bucket (compile time)")
+    ap.add_argument("--offline", action="store_true",
+                    help="also time offline generate (bench.throughput) at each policy's slots, --prompt-max + "
+                         "--new-max: the reference of the server's saturated tok/s (use fixed lengths)")
     ap.add_argument("--max-protected", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and KV")
     ap.add_argument("--startup-timeout", type=float, default=900)
@@ -305,10 +321,18 @@ def main(argv=None) -> int:
     runs = []
     for policy in args.cache:
         slots = args.slots if args.same_slots or policy == first else budget // sizes[policy]
-        runs.append(dict(bench_policy(args, policy, slots, vocab, out_dir), state_bytes_per_slot=sizes[policy]))
+        run = dict(bench_policy(args, policy, slots, vocab, out_dir), state_bytes_per_slot=sizes[policy])
+        if args.offline:
+            run["offline"] = offline_generate(args, policy, slots, out_dir)
+            best = max(r["output_tokens_per_second"] for r in run["rates"])
+            run["saturated_over_offline"] = best / run["offline"]["tokens_per_second"]
+            print(f"{policy}: server {best:.0f} tok/s, offline {run['offline']['tokens_per_second']:.0f} tok/s "
+                  f"({run['saturated_over_offline']:.1%})", flush=True)
+        runs.append(run)
     result = dict(env, benchmark="serve", model=args.model, smoke=args.smoke, state_bytes_budget=budget,
                   workload=dict(prompt=[args.prompt_min, args.prompt_max], new=[args.new_min, args.new_max],
-                                requests_per_rate=args.requests, steps=args.steps, arrivals="poisson"), runs=runs)
+                                requests_per_rate=args.requests, steps=args.steps, arrivals="poisson",
+                                min_bucket=args.min_bucket), runs=runs)
     stem = f"serve-{args.model}{'-smoke' if args.smoke else ''}"
     out = Path(args.out) if args.out else out_dir / f"{stem}.json"
     out.write_text(json.dumps(result, indent=1))

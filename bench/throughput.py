@@ -43,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def env_info() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None
+    # $PYRAJAX_COMMIT names the commit where the code runs from a copy without git history (the GPU machine).
+    commit = os.environ.get("PYRAJAX_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or None
     dev = jax.devices()[0]
     return dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform, jax=jax.__version__,
                 jaxlib=jaxlib.__version__, commit=commit)

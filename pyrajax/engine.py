@@ -61,16 +61,17 @@ def resolve_policies(names: Sequence[str]) -> dict[str, PyramidConfig]:
     return out
 
 
-def prompt_buckets(max_prompt: int) -> list[int]:
-    """The prefill length buckets up to the one holding `max_prompt` (those of `generate`)."""
-    out = [bucket(1, 16)]
+def prompt_buckets(max_prompt: int, min_bucket: int = 16) -> list[int]:
+    """The prefill length buckets up to the one holding `max_prompt` (those of `generate`, from `min_bucket`:
+    a larger smallest bucket pads short prompts further but compiles fewer prefill programs)."""
+    out = [bucket(1, min_bucket)]
     while out[-1] < max_prompt:
-        out.append(bucket(out[-1] + 1, 16))
+        out.append(bucket(out[-1] + 1, min_bucket))
     return out
 
 
 def serving_plans(policies: Sequence[PyramidConfig], max_prompt: int, max_new: int, num_layers: int,
-                  max_protected: int = 128) -> tuple[CachePlan, dict[int, CachePlan]]:
+                  max_protected: int = 128, min_bucket: int = 16) -> tuple[CachePlan, dict[int, CachePlan]]:
     """The engine's plan (every layer's capacity) and one prefill plan per prompt-length bucket, covering every
     prompt of 1..max_prompt tokens with 1 or max_new new tokens (the extremes of what a layer needs; fewer new
     tokens can need more room, when they leave a layer uncompressed) under each policy, with the policy's
@@ -84,7 +85,7 @@ def serving_plans(policies: Sequence[PyramidConfig], max_prompt: int, max_new: i
                              f"more than {', '.join(HOST_FIELDS)}")
     plans = {}
     lo = 1
-    for S_b in prompt_buckets(max_prompt):
+    for S_b in prompt_buckets(max_prompt, min_bucket):
         per_policy = []
         for policy in policies:
             requests = tuple((s, t, prot) for s in range(lo, min(S_b, max_prompt) + 1) for t in {1, max_new}
@@ -108,10 +109,11 @@ def _cover(a: CachePlan, b: CachePlan) -> CachePlan:
 
 
 def make_engine(params: Params, cfg: ModelConfig, policies: Sequence[PyramidConfig], *, slots: int,
-                max_prompt: int, max_new: int, max_protected: int = 128, **kw) -> "Engine":
+                max_prompt: int, max_new: int, max_protected: int = 128, min_bucket: int = 16, **kw) -> "Engine":
     """A serving engine: `slots` slots whose caches hold any prompt of up to `max_prompt` tokens and `max_new`
-    new tokens under each of `policies` (the first compiles the programs). kw: see `Engine`."""
-    plan, prefill_plans = serving_plans(policies, max_prompt, max_new, cfg.num_layers, max_protected)
+    new tokens under each of `policies` (the first compiles the programs); prompts are padded to power-of-two
+    buckets from `min_bucket`. kw: see `Engine`."""
+    plan, prefill_plans = serving_plans(policies, max_prompt, max_new, cfg.num_layers, max_protected, min_bucket)
     return Engine(params, cfg, plan, prefill_plans, slots=slots, **kw)
 
 

@@ -485,7 +485,7 @@ def build(args):
         tokenizer = get_tokenizer(cfg)
     policies = resolve_policies(args.cache)
     engine = make_engine(params, cfg, list(policies.values()), slots=args.slots, max_prompt=args.max_prompt,
-                         max_new=args.max_new, steps=args.steps, max_protected=args.max_protected,
+                         max_new=args.max_new, min_bucket=args.min_bucket, steps=args.steps, max_protected=args.max_protected,
                          max_waiting=args.max_waiting, prefill_tokens=args.prefill_tokens,
                          max_prefill_batch=args.max_prefill_batch, impl=args.impl)
     return engine, tokenizer, args.served_model_name or name, policies
@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new", type=int, default=512, help="most tokens generated per request")
     ap.add_argument("--max-protected", type=int, default=128,
                     help="protected prompt tokens (a chat's template, system prompt, last turn) the caches hold")
+    ap.add_argument("--min-bucket", type=validate.cli_int(1), default=16,
+                    help="smallest prompt-length bucket: shorter prompts are padded to it (fewer programs compile)")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per compiled call")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     ap.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per round")

@@ -190,3 +190,15 @@ def test_warmup_compiles_everything_and_leaves_the_slots_free(tiny):
     assert dict(TRACE_COUNTS) == before
     for s in streams:
         assert served(s) == alone(tiny, list(s.request.ids), 5, POLICIES[0])
+
+
+def test_a_larger_smallest_bucket_pads_short_prompts_and_keeps_their_output(tiny):
+    """`min_bucket` (the server's --min-bucket) only changes padding: fewer programs, the same tokens."""
+    params, cfg = tiny
+    eng = make_engine(params, cfg, POLICIES[:1], slots=2, max_prompt=100, max_new=24, min_bucket=64)
+    assert sorted(eng.prefill_plans) == [64, 128]
+    ids = list(range(5, 25))
+    stream = eng.submit(eng.prepare(Request(ids=ids, max_new=24, stop_ids=STOP)))
+    assert stream.bucket == 64
+    eng.run()
+    assert served(stream)[0] == alone(tiny, ids, 24, POLICIES[0])[0]
