@@ -835,6 +835,9 @@ def grid_parser() -> argparse.ArgumentParser:
                          "would end past it (15 s kept for writing); the run then stops cleanly")
     ap.add_argument("--no-plots", action="store_true", help="JSON only (plot later with --plot-only)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNGs of --out and print its table")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="merge the rows of these grid JSONs into --out (later files win), recompute the RULER "
+                         "calibration and the ratios to the full cache, and stop")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (one line per row still)")
     ap.add_argument("--commit", help="the commit to record where the machine's git history is missing or stale")
     ap.add_argument("--workers", type=cli_int(1), default=1,
@@ -878,20 +881,22 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
     `workers` at once, in order. Each starts from a copy of `out` (the full cache's chat answers are reused where
     they are already there; else a worker generates them with the same full-cache programs its floored chat
     requests compile anyway) and its rows are merged back as it ends; calibration by the full cache's RULER
-    cells happens at the merge. Returns the policies not started before the deadline."""
+    cells happens at the merge. At the deadline no further policy starts, but the running ones (which got the
+    deadline themselves) are waited for and merged. Returns the policies not started before the deadline."""
     tmp = out.parent / f".{out.stem}-workers"
     tmp.mkdir(exist_ok=True)
     write()  # the rows so far, for the workers to start from
     base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet",
             "--worker"]
     env = dict(os.environ)  # holds grid_main's XLA_PYTHON_CLIENT_MEM_FRACTION: each process's share of the device
-    queue, running, slowest = list(names), {}, 0.0
+    queue, running, slowest, not_started = list(names), {}, 0.0, []
     while queue or running:
         while queue and len(running) < workers:
             left = None if deadline is None else deadline - (time.monotonic() - started)
             if left is not None and left < 1.2 * slowest + 30:
                 print(f"deadline: {len(queue)} policies not started: {' '.join(queue)}", flush=True)
-                return queue
+                not_started, queue = queue, []
+                break
             name = queue.pop(0)
             path = tmp / f"{len(running)}-{abs(hash(name))}.json"
             path.write_text(out.read_text())
@@ -913,7 +918,7 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
             print(f"[worker {name}] exit {proc.returncode}, {len(got)} rows, {time.monotonic() - t0:.0f} s"
                   + ("" if proc.returncode == 0 else f": see {path.with_suffix('.log')}"), flush=True)
             write()
-    return []
+    return not_started
 
 
 def _too_late(rows: dict, task: str, started: float, deadline: float | None, margin: float = 15.0) -> bool:
@@ -945,6 +950,15 @@ def grid_main(argv: list[str] | None = None) -> int:
             setattr(args, k, v)
     path = Path(args.checkpoint or default_model_dir())
     out = args.out or Path("bench/results") / f"quality-{path.name}{'-smoke' if args.smoke else ''}.json"
+    if args.merge:  # rows of other grid JSONs (e.g. an interrupted run's worker files), the later file winning
+        old = json.loads(out.read_text()) if out.exists() else dict(env={}, rows=[])
+        rows = {(r["policy"], r["task"]): r for r in old["rows"]}
+        for f in args.merge:
+            rows.update({(r["policy"], r["task"]): r for r in json.loads(Path(f).read_text())["rows"]})
+        _write(out, old["env"], rows, args.ruler_calibration)
+        print(grid_table(list(rows.values())))
+        print(f"wrote {out}")
+        return 0
     if args.plot_only:
         rows = json.loads(out.read_text())["rows"]
         print("wrote", *map(str, plot_grid(rows, out)))
