@@ -209,6 +209,19 @@ def test_grid_smoke_writes_rows_and_plots(smol_dir, tmp_path):
     assert all(kept[k] == r["seconds"] for k, r in rows.items() if k != ("budget-0.45", "chat-exact"))
     assert ("budget-0.45", "chat-exact") in kept
 
+    # merge: rows of another file (a worker's, its RULER row without the summary) join --out and are calibrated
+    # by the full cache's cells there
+    worker = [{k: v for k, v in r.items() if k not in ("score", "vs_full")} for r in again["rows"]
+              if r["policy"] != "full"]
+    (tmp_path / "worker.json").write_text(json.dumps(dict(env=again["env"], rows=worker)))
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps(dict(env=again["env"], rows=[r for r in again["rows"] if r["policy"] == "full"])))
+    assert grid_main(["--checkpoint", str(smol_dir), "--merge", str(tmp_path / "worker.json"),
+                      "--out", str(merged)]) == 0
+    m = {(r["policy"], r["task"]): r for r in json.loads(merged.read_text())["rows"]}
+    assert set(m) == set(kept)
+    assert m[("budget-0.45", "ruler-aware")]["score"] == rows[("budget-0.45", "ruler-aware")]["score"]
+
 
 def test_ruler_protocols_of_the_full_cache_equal_one_prompt(smol):
     """Under the full cache, the query-agnostic protocol (context prefilled, then the question forced through
