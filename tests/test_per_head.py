@@ -262,3 +262,104 @@ def test_engine_keeps_the_reference_heads(model_name, policy_name):
     assert min(margins) > MIN_MARGIN, f"near-tie in a selection (relative margin {min(margins):.2e}); pick another seed"
     assert min(gaps) > MIN_MARGIN, f"near-tie between greedy tokens (gap {min(gaps):.2e}); pick another seed"
     assert logit_err < 1e-3, f"engine and reference logits differ by up to {logit_err:.2e}"
+
+
+@pytest.mark.parametrize("floor,ceiling", [(0.2, 1.5), (0.5, 1.2), (1.0, 2.0), (0.0, 16.0)])
+def test_adaptive_head_counts_match_the_split_written_out(floor, ceiling):
+    """AdaKV's split on skewed random scores (one head wants every token, one almost none), so that floors and
+    ceilings bind: per sequence the engine's counts equal the reference's, and sum to K * keep."""
+    B, K, n = 4, 4, 50
+    policy = dataclasses.replace(POLICIES["snapkv-adaptive"], head_floor=floor, head_ceiling=ceiling)
+    rng = np.random.default_rng(7)
+    scores = rng.random((B, K, n)) * np.array([100.0, 1.0, 1.0, 0.01])[None, :, None]
+    prompt_len = np.array([50, 50, 41, 30], np.int32)
+    pos = np.where(np.arange(n)[None] < prompt_len[:, None], np.arange(n)[None], -1).astype(np.int32)
+    window = np.array([6, 6, 5, 4], np.int32)
+    keep = np.array([20, 16, 30, 30], np.int32)  # the last: everything that entered stays
+    protect = np.zeros((B, n), bool)
+    protect[1, [10, 20, 30]] = True
+    seq = kvc.SeqPlan(prompt_len=prompt_len, window=window, keep=keep[:, None], enter=prompt_len[:, None],
+                      budget=keep[:, None] + 4, protect=protect)
+    pos_heads = np.broadcast_to(pos[:, None], (B, K, n))
+    got = np.asarray(kvc.adaptive_head_counts(jnp.asarray(scores, jnp.float32), jnp.asarray(pos_heads), seq,
+                                              jnp.asarray(keep), jnp.asarray(prompt_len), policy))
+    bound_low = bound_high = False
+    for b in range(B):
+        valid = pos[b] >= 0
+        p = pos[b][valid]
+        forced = (p < policy.num_sinks) | (p >= prompt_len[b] - window[b]) | protect[b][p]
+        want, _, _ = adaptive_counts(policy, scores[b][:, valid].astype(np.float32), forced, int(keep[b]),
+                                     int(prompt_len[b]))
+        assert got[b].tolist() == want, f"sequence {b}"
+        assert got[b].sum() == K * keep[b]
+        F, share = int(forced.sum()), int(keep[b]) - int(forced.sum())
+        most = min(int(prompt_len[b]), f32_floor(ceiling, int(keep[b])))
+        assert (got[b] >= F + f32_floor(floor, share)).all() and (got[b] <= most).all()
+        bound_low |= bool((got[b] == F + f32_floor(floor, share)).any()) and share > 0
+        bound_high |= bool((got[b] == most).any()) and most > keep[b]
+    assert got[3].tolist() == [30] * K  # nothing to drop: nothing to adapt
+    if floor < 1:
+        assert bound_low and bound_high, "neither floor nor ceiling bound: the check would be vacuous"
+    else:  # a floor of the whole share is the uniform split
+        assert (got == keep[:, None]).all()
+
+
+def test_options_presets_and_validation():
+    p = cache_preset("pyramid-0.45:per_head=true:head_budget=adaptive")
+    assert (p.per_head, p.head_budget, p.adaptive, p.budget) == (True, "adaptive", True, 0.45)
+    assert cache_preset("snapkv-0.45:per_head=True,head_floor=0.5").head_floor == 0.5
+    # Off by default: every preset keeps one token set per layer, the paper preset its exact fields.
+    assert cache_preset("paper") == PyramidConfig(name="paper") and not cache_preset("paper").per_head
+    assert not any(cache_preset(f"{family}-0.45").per_head for family in kvc.FAMILIES)
+    for kw, field in [({"per_head": 1}, "per_head"), ({"head_budget": "greedy"}, "head_budget"),
+                      ({"head_budget": "adaptive"}, "head_budget"),  # needs per_head
+                      ({"per_head": True, "head_budget": "adaptive"}, "head_budget"),  # needs budget prefill
+                      ({"head_floor": 1.5}, "head_floor"), ({"head_ceiling": 0.5}, "head_ceiling")]:
+        with pytest.raises(ValueError, match=f"PyramidConfig.{field}"):
+            PyramidConfig(**kw)
+    with pytest.raises(ValueError):
+        cache_preset("pyramid-0.45:per_head=yes")
+
+
+def test_adaptive_capacity_is_the_allocated_ceiling():
+    """Adaptive heads get room for the fullest head: the uniform capacity plus what the ceiling lets a head keep
+    above the uniform count; budgets (what eviction aims at) and prefill counts stay the uniform ones."""
+    uniform = cache_preset("snapkv-0.45:per_head=true")
+    adaptive = dataclasses.replace(uniform, head_budget="adaptive", head_ceiling=1.5)
+    pre, cap, ev, budget = kvc.layer_lengths(uniform, 512, 256, 30)
+    pre_a, cap_a, ev_a, budget_a = kvc.layer_lengths(adaptive, 512, 256, 30)
+    assert (pre_a, ev_a, budget_a) == (pre, ev, budget)
+    assert cap_a == [c + min(512, f32_floor(1.5, k)) - k for c, k in zip(cap, pre)]
+    assert all(a > c for a, c in zip(cap_a, cap))
+    assert kvc.make_plan(adaptive, 512, 256, 30).capacity == tuple(cap_a)
+    assert kvc.compresses(adaptive, 512, 256, 30)  # by its budget, not by its padded capacity
+
+
+def test_per_head_with_equal_scores_is_the_shared_cache():
+    """With the recency scorer every head scores alike, so per-head selection must keep, in every head, the
+    tokens of the shared cache and generate the same tokens (the per-head layouts, attention and eviction
+    through the engine's programs, ragged batch)."""
+    cfg = pyrajax.preset("tiny")
+    params = pyrajax.random_params(jax.random.key(3), cfg, scale=0.25)
+    prompts = [list(range(3, 80)), list(range(5, 30)), list(range(9, 60))]
+    shared = budget_policy("st", "streaming", budget=0.5)
+    run = lambda policy: pyrajax.generate(params, prompts, pyrajax.GenerationConfig(  # noqa: E731
+        model=cfg, max_new_tokens=24, cache=policy, stop_ids=()))
+    a, b = run(shared), run(dataclasses.replace(shared, per_head=True))
+    assert a.stats["compressed"] and a.tokens == b.tokens
+    assert a.stats["lengths_at_end"] == b.stats["lengths_at_end"]
+    assert a.stats["kv_bytes"] == b.stats["kv_bytes"]
+
+
+def test_pallas_kernels_are_drop_ins_per_head():
+    """The engine with impl="pallas" (interpret mode on CPU: the per-head window-rows, gather and decode
+    kernels) generates what the XLA path does, with adaptive head budgets and per-head decode rows."""
+    cfg = pyrajax.preset("tiny")
+    params = pyrajax.random_params(jax.random.key(7), cfg, scale=0.25)
+    prompts = [list(range(3, 90)), list(range(5, 40))]
+    policy = dataclasses.replace(POLICIES["snapkv-adaptive"], budget=0.6)
+    run = lambda impl: pyrajax.generate(params, prompts, pyrajax.GenerationConfig(  # noqa: E731
+        model=cfg, max_new_tokens=10, cache=policy, impl=impl, stop_ids=()))
+    xla, pallas = run("xla"), run("pallas")
+    assert xla.stats["compressed"] and pallas.tokens == xla.tokens
+    assert pallas.stats["lengths_at_end"] == xla.stats["lengths_at_end"]
