@@ -21,8 +21,8 @@ import pytest
 import pyrajax
 from pyrajax import cache as kvc
 from pyrajax.cache import PyramidConfig, cache_preset
-from tests.test_pyramid_reference import (MIN_MARGIN, MODELS, Reference, _decode, _prefill, attend, describe, finish,
-                                          margin_note, project, rms_norm, to_numpy, top2_gap)
+from tests.test_pyramid_reference import (MIN_MARGIN, Reference, _decode, _prefill, describe, finish, margin_note,
+                                          model_and_prompts, project, rms_norm, to_numpy, top2_gap)
 
 
 def f32_floor(a: float, b: int) -> int:
@@ -85,9 +85,7 @@ class HeadReference(Reference):
         pos = np.arange(s)
         cached = []
         for l, lp in enumerate(P["layers"]):
-            q, k, v = project(lp, cfg, x, pos)
-            out, probs = attend(cfg, q, pos, k, v, pos)
-            x = finish(lp, cfg, x, out)
+            x, k, v, probs = self._forward_layer(lp, x, pos)
             n = len(pos)
             head_probs = probs.reshape(K, self.G, n, n).max(axis=1)
             self.rows_now = [(int(pos[i]), self._head_rows(probs[:, i, :], pos)) for i in range(n - W, n)]
@@ -207,12 +205,9 @@ SEED_FOR_POLICY = {("h4kv2-L3", "snapkv-adaptive"): 4}
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
 @pytest.mark.parametrize("model_name", sorted(SEEDS))
 def test_engine_keeps_the_reference_heads(model_name, policy_name):
-    cfg = dataclasses.replace(pyrajax.preset("tiny"), **MODELS[model_name])
     policy = POLICIES[policy_name]
-    seed = SEED_FOR_POLICY.get((model_name, policy_name), SEEDS[model_name])
-    params = pyrajax.random_params(jax.random.key(seed), cfg, scale=0.2)
-    rng = np.random.default_rng(100 + seed)
-    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in PROMPT_LENS]
+    cfg, params, _, prompts = model_and_prompts(model_name, SEED_FOR_POLICY.get((model_name, policy_name),
+                                                                               SEEDS[model_name]), PROMPT_LENS)
     L, B, K = cfg.num_layers, len(prompts), cfg.num_kv_heads
 
     plan = kvc.make_plan(policy, 128, 32, L, requests=tuple((s, STEPS) for s in PROMPT_LENS))
