@@ -3,7 +3,7 @@
 Two modes over the same probabilities P[b, h, w, j] (softmax over the keys visible to query (b, w)):
   score_reduction: scores[b, j] = sum_w row_weight[b, w] * mean_h P[b, h, w, j]        -> [B, n]
   window_rows:     rows[b, w, j] = mean_h P[b, h, w, j]  (engine layouts, seeds the rows buffer) -> [B, W, n]
-     per_head:     rows[b, k, w, j] = max over kv head k's query heads g of P[b, (k, g), w, j]   -> [B, K, W, n]
+     per_head:     rows[b, k, w, j] = max_g P[b, (k, g), w, j], g over kv head k's query heads    -> [B, K, W, n]
 
 Two flash-style passes, pass 1 shared by both modes:
   1. grid (B, kv head, row block): stream the keys once per row block, keeping each query row's running max m
@@ -13,7 +13,8 @@ Two flash-style passes, pass 1 shared by both modes:
      kv group add c * exp(s - m) into the column sums.
      rows mode, grid (B, key block, window block): for each kv head load its key block once, then for each of
      its G query heads add c * exp(s - m) of the window block's rows into a [window block, key block] tile:
-     the head sum, written once to rows (per head: their max, written once per kv head). Only [B, K, G*W] row statistics and the [B, W, n] rows reach memory.
+     the head sum, written once to rows (per head: their max, written once per kv head). Only [B, K, G*W] row
+     statistics and the [B, W, n] (per head [B, K, W, n]) rows reach memory.
 Query rows of a kv head are its G query heads stacked: row r = g * W + w (a free reshape of [B, H, W, hd]).
 Keys are read in place in either layout: [B, K, n, hd] (score mode) or the engine's [B, n, K, hd] (rows mode,
 a strided tile whose key vectors stay contiguous, so no transposed copy of K is ever made).
@@ -128,8 +129,10 @@ def _rows_kernel(q_ref, k_ref, qpos_ref, kpos_ref, m_ref, c_ref, out_ref, *,
     if per_head:
         def group_max(kv, carry):
             kpos, k = _key_block(k_ref, kpos_ref, kv, j0, n=n, bn=bn, hd=hd, hdp=hdp, heads_first=heads_first)
-            best = lax.fori_loop(0, groups, lambda g, best: jnp.maximum(best, tile(kv, g * window + w0, wmask, k, kpos)),
-                                 jnp.zeros((bw, bn), jnp.float32))  # probabilities are >= 0
+            def query_head(g, best):  # query head g of this kv group: its window rows are rows g*W + w
+                return jnp.maximum(best, tile(kv, g * window + w0, wmask, k, kpos))
+
+            best = lax.fori_loop(0, groups, query_head, jnp.zeros((bw, bn), jnp.float32))  # probabilities >= 0
             store(out_ref.at[kv, pl.ds(w0, bw), pl.ds(j0, bn)], best, out_mask)
             return carry
 

@@ -5,7 +5,9 @@ Layout invariants, for every layer and every sequence b:
   * after prefill, slots [0, length[b]) hold valid tokens in original order and the rest are empty (pos -1);
     generation writes each new token into the first empty slot, and eviction empties slots in place, so
     later the valid slots (length[b] of them) may be in any order: nothing depends on slot order;
-  * `pos` is each token's original position; keys are stored after RoPE.
+  * `pos` is each token's original position; keys are stored after RoPE;
+  * with per-KV-head selection every per-slot array (pos, rows, acc) and the length gain a KV-head axis after
+    the batch: each head's slots follow the invariants above on their own.
 Each layer's capacity is a static Python number computed from the prompt bucket, the generation bucket and
 the policy (`CachePlan`), so one compiled program serves every request of a bucket. What differs between
 sequences of one batch (prompt length, window, per-layer keep counts and budgets) is *data* (`SeqPlan`),
@@ -82,6 +84,9 @@ class PyramidConfig:
         allocates every head the ceiling's slots, so adaptive costs memory: the KV bytes counted are the
         allocated slots (the padding included). In generation each head keeps the count prefill gave it
         (it evicts a block whenever it is one block above it, as every head of the layer at once).
+        Adaptive splits only where a layer's cache selects among the tokens that reached it (prune_hidden
+        off, or decoupled propagation with more tokens entering than kept). Per-head decode scoring keeps
+        its state per KV head: K times the memory of the window scorer's ring of rows ([B, K, W, C]).
     budget: a float in (0, 1] is a fraction of the full cache at the request's lengths (prompt + new tokens);
         an int >= 16 is a token budget: the layers share budget * num_layers tokens.
     min_tokens: the floor. No layer's cache is cut below it, and a request whose prompt + new tokens fit

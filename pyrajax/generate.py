@@ -142,7 +142,9 @@ def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_row
     KV head [B, K, n]."""
     if policy.scorer == "recency":
         scores = pos.astype(jnp.float32)
-        return jnp.broadcast_to(scores[:, None], (pos.shape[0], v.shape[2], pos.shape[1])) if policy.per_head else scores
+        if policy.per_head:  # every head alike
+            scores = jnp.broadcast_to(scores[:, None], (pos.shape[0], v.shape[2], pos.shape[1]))
+        return scores
     if policy.scorer == "accumulated":
         scores = accumulated
     else:
