@@ -6,6 +6,11 @@ balanced while the cache fills) with all G query heads of the kv head as rows of
 K/V block is loaded once per kv head. It writes partial (acc, max, sum) per split plus the raw f32 logits
 [B, H, C]; a small XLA epilogue combines the splits and turns the logits into probabilities with the final
 per-head max/sum (reading the logits, ~1/64 of the K/V bytes at hd=128 bf16, never K again).
+
+Positions are one set per sequence (k_pos [B, C], every KV head holds the same tokens) or per KV head
+(k_pos [B, K, C], per-head selection): the kernel reads one row of positions per program either way, and the
+probability row it yields follows the layout: the mean over all H query heads [B, C], or per KV head the max
+over its G query heads [B, K, C] (the row per-head scorers use).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ def decode_block_sizes(batch: int, num_kv: int, capacity: int, hd: int, block_c=
 
 def _decode_kernel(len_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, l_ref, logit_ref, *,
                    C, G, gp, hd, hdp, bc, splits, scale):
-    # Refs (one sequence, one kv head): q [G, hd] (read as a >= 16-row tile), k/v [C, hd], kpos [C];
+    # Refs (one sequence, one kv head): q [G, hd] (read as a >= 16-row tile), k/v [C, hd], kpos [C] (the
+    # sequence's, or this kv head's own);
     # outputs (this split) acc [G, hd], m/l [G]; logits [G, C] (the blocks this split visits).
     end = jnp.minimum(len_ref[()], C)
     nblk = cdiv(end, bc)
@@ -73,13 +79,14 @@ def _decode_pallas(q, k, v, k_pos, q_pos, length, interpret, block_c, num_splits
     bc, S, warps, stages = decode_block_sizes(B, K, C, hd, block_c, num_splits)
     f32 = jnp.float32
     at = lambda *blk: pl.BlockSpec((None, None, *blk), lambda b, h, s: (b, h) + (0,) * len(blk))
+    kpos_spec = (at(C) if k_pos.ndim == 3 else pl.BlockSpec((None, C), lambda b, h, s: (b, 0)))
     per_split = lambda *blk: pl.BlockSpec((None, None, None, *blk), lambda b, h, s: (b, h, s) + (0,) * len(blk))
     acc, m, l, logits = pl.pallas_call(
         functools.partial(_decode_kernel, C=C, G=G, gp=gp, hd=hd, hdp=pow2(hd), bc=bc, splits=S,
                           scale=1.0 / math.sqrt(hd)),
         grid=(B, K, S),
         in_specs=[pl.BlockSpec((), lambda b, h, s: ()), pl.BlockSpec((None,), lambda b, h, s: (b,)),
-                  at(G, hd), at(C, hd), at(C, hd), pl.BlockSpec((None, C), lambda b, h, s: (b, 0))],
+                  at(G, hd), at(C, hd), at(C, hd), kpos_spec],
         out_specs=[per_split(G, hd), per_split(G), per_split(G), at(G, C)],
         out_shape=[jax.ShapeDtypeStruct((B, K, S, G, hd), f32), jax.ShapeDtypeStruct((B, K, S, G), f32),
                    jax.ShapeDtypeStruct((B, K, S, G), f32), jax.ShapeDtypeStruct((B, K, G, C), f32)],
@@ -91,14 +98,25 @@ def _decode_pallas(q, k, v, k_pos, q_pos, length, interpret, block_c, num_splits
     w = jnp.exp(m - m_all[:, :, None])  # an empty split has l = acc = 0, whatever its weight
     inv = safe_inv(jnp.sum(w * l, axis=2))
     out = jnp.sum(w[..., None] * acc, axis=2) * inv[..., None]
-    valid = _valid(k_pos, q_pos, length)[:, None, None, :]  # logits of slots >= length were never written
+    valid = _heads_axis(_valid(k_pos, q_pos, length))  # logits of slots >= length were never written
     probs = jnp.where(valid, jnp.exp(logits - m_all[..., None]) * inv[..., None], 0.0)
-    return out.reshape(B, H, hd).astype(q.dtype), jnp.sum(probs, axis=(1, 2)) / H
+    return out.reshape(B, H, hd).astype(q.dtype), _prob_row(probs, k_pos)
 
 
 def _valid(k_pos, q_pos, length):
-    """[B, C]: slot below `length` and visible to the sequence's new token."""
-    return (jnp.arange(k_pos.shape[1]) < length)[None, :] & visible(k_pos, q_pos[:, None])
+    """k_pos's shape ([B, C] or [B, K, C]): slot below `length` and visible to the sequence's new token."""
+    q_pos = q_pos.reshape(q_pos.shape + (1,) * (k_pos.ndim - 1))
+    return (jnp.arange(k_pos.shape[-1]) < length) & visible(k_pos, q_pos)
+
+
+def _heads_axis(x):
+    """A per-slot mask [B, C] or [B, K, C] broadcast against [B, K, G, C]."""
+    return x[:, None, None, :] if x.ndim == 2 else x[:, :, None, :]
+
+
+def _prob_row(p, k_pos):
+    """p [B, K, G, C] -> the mean over the H query heads [B, C], or per KV head the max over its group."""
+    return jnp.max(p, axis=2) if k_pos.ndim == 3 else jnp.sum(p, axis=(1, 2)) / (p.shape[1] * p.shape[2])
 
 
 def decode_attention_reference(q, k, v, k_pos, q_pos, length):
@@ -106,27 +124,28 @@ def decode_attention_reference(q, k, v, k_pos, q_pos, length):
     K = k.shape[1]
     s = jnp.einsum("bkgd,bkcd->bkgc", fold_heads(q, K), k, precision=precision(q.dtype),
                    preferred_element_type=jnp.float32) / math.sqrt(hd)
-    valid = _valid(k_pos, q_pos, length)
+    valid = _heads_axis(_valid(k_pos, q_pos, length))
     # Empty / evicted / future slots may hold anything, NaN included (0 * NaN = NaN), so mask the data, not
     # only the probabilities, as the kernel does by never loading those rows: scores by `where` (a NaN key
     # only reaches its own score), values by a `where` that XLA fuses into the einsum's operand.
-    s = jnp.where(valid[:, None, None, :], s, NEG)
-    v = jnp.where(valid[:, None, :, None], v, jnp.zeros((), v.dtype))
+    s = jnp.where(valid, s, NEG)
+    v = jnp.where(valid[:, :, 0, :, None], v, jnp.zeros((), v.dtype))
     m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m), 0.0)
+    p = jnp.where(valid, jnp.exp(s - m), 0.0)
     p = p * safe_inv(jnp.sum(p, axis=-1, keepdims=True))
     # p in v's dtype, as the kernel (and any flash kernel) does: bf16 x bf16 products with f32 accumulation.
     out = jnp.einsum("bkgc,bkcd->bkgd", p.astype(v.dtype), v, precision=precision(v.dtype),
                      preferred_element_type=jnp.float32)
-    return out.reshape(B, H, hd).astype(q.dtype), jnp.sum(p, axis=(1, 2)) / H
+    return out.reshape(B, H, hd).astype(q.dtype), _prob_row(p, k_pos)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "interpret", "block_c", "num_splits"))
 def decode_attention(q, k, v, k_pos, q_pos, length, *, impl: str = "auto", interpret: bool | None = None,
                      block_c: int | None = None, num_splits: int | None = None):
-    """q [B, H, hd] (one new token per sequence), k/v [B, K, C, hd], k_pos [B, C] (-1 = empty), q_pos [B],
-    length: int32 scalar, slots >= length empty for every sequence -> (out [B, H, hd] in q.dtype,
-    prob_mean [B, C] float32 = mean over the H heads of each slot's softmax probability)."""
+    """q [B, H, hd] (one new token per sequence), k/v [B, K, C, hd], k_pos [B, C] or per KV head [B, K, C]
+    (-1 = empty), q_pos [B], length: int32 scalar, slots >= length empty for every sequence and head ->
+    (out [B, H, hd] in q.dtype, prob float32: [B, C] the mean over the H heads of each slot's softmax
+    probability, or [B, K, C] per KV head the max over its G query heads)."""
     # "auto" keeps XLA for tiny batches and short caches: on the H100 at batch 1 (7B shape, 4k cache) XLA's
     # fused einsum ran 80 us against the kernel's 87 us, while from B*K = 256 up the kernel is faster
     # (bench/results/kernels-*); end to end at batch 32 the kernel won on 768-slot caches (full, 512+256) and

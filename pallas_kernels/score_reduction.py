@@ -3,6 +3,7 @@
 Two modes over the same probabilities P[b, h, w, j] (softmax over the keys visible to query (b, w)):
   score_reduction: scores[b, j] = sum_w row_weight[b, w] * mean_h P[b, h, w, j]        -> [B, n]
   window_rows:     rows[b, w, j] = mean_h P[b, h, w, j]  (engine layouts, seeds the rows buffer) -> [B, W, n]
+     per_head:     rows[b, k, w, j] = max_g P[b, (k, g), w, j], g over kv head k's query heads    -> [B, K, W, n]
 
 Two flash-style passes, pass 1 shared by both modes:
   1. grid (B, kv head, row block): stream the keys once per row block, keeping each query row's running max m
@@ -12,7 +13,8 @@ Two flash-style passes, pass 1 shared by both modes:
      kv group add c * exp(s - m) into the column sums.
      rows mode, grid (B, key block, window block): for each kv head load its key block once, then for each of
      its G query heads add c * exp(s - m) of the window block's rows into a [window block, key block] tile:
-     the head sum, written once to rows. Only [B, K, G*W] row statistics and the [B, W, n] rows reach memory.
+     the head sum, written once to rows (per head: their max, written once per kv head). Only [B, K, G*W] row
+     statistics and the [B, W, n] (per head [B, K, W, n]) rows reach memory.
 Query rows of a kv head are its G query heads stacked: row r = g * W + w (a free reshape of [B, H, W, hd]).
 Keys are read in place in either layout: [B, K, n, hd] (score mode) or the engine's [B, n, K, hd] (rows mode,
 a strided tile whose key vectors stay contiguous, so no transposed copy of K is ever made).
@@ -115,12 +117,27 @@ def _column_kernel(q_ref, k_ref, qpos_ref, kpos_ref, m_ref, c_ref, out_ref, *,
 
 
 def _rows_kernel(q_ref, k_ref, qpos_ref, kpos_ref, m_ref, c_ref, out_ref, *,
-                 num_kv, groups, window, n, bw, bn, hd, hdp, scale, heads_first):
+                 num_kv, groups, window, n, bw, bn, hd, hdp, scale, heads_first, per_head):
     # Refs (one batch row, all kv heads): q [K, G*W, hd], k [n, K, hd], qpos [G*W], kpos [n], m/c [K, G*W];
-    # out [W, n]. This program: window rows w0.. against keys j0.., summed over all H query heads.
+    # out [W, n] (per_head: [K, W, n]). This program: window rows w0.. against keys j0.., summed over all H
+    # query heads (per_head: the max over each kv head's G query heads, whose c carries no 1/H).
     j0, w0 = pl.program_id(1) * bn, pl.program_id(2) * bw
     _, wmask = span(w0, bw, window)
     tile = functools.partial(_prob_tile, q_ref, qpos_ref, m_ref, c_ref, hd=hd, hdp=hdp, scale=scale)
+    out_mask = wmask[:, None] & span(j0, bn, n)[1][None, :]
+
+    if per_head:
+        def group_max(kv, carry):
+            kpos, k = _key_block(k_ref, kpos_ref, kv, j0, n=n, bn=bn, hd=hd, hdp=hdp, heads_first=heads_first)
+            def query_head(g, best):  # query head g of this kv group: its window rows are rows g*W + w
+                return jnp.maximum(best, tile(kv, g * window + w0, wmask, k, kpos))
+
+            best = lax.fori_loop(0, groups, query_head, jnp.zeros((bw, bn), jnp.float32))  # probabilities >= 0
+            store(out_ref.at[kv, pl.ds(w0, bw), pl.ds(j0, bn)], best, out_mask)
+            return carry
+
+        lax.fori_loop(0, num_kv, group_max, 0)
+        return
 
     def head(kv, acc):
         kpos, k = _key_block(k_ref, kpos_ref, kv, j0, n=n, bn=bn, hd=hd, hdp=hdp, heads_first=heads_first)
@@ -128,7 +145,7 @@ def _rows_kernel(q_ref, k_ref, qpos_ref, kpos_ref, m_ref, c_ref, out_ref, *,
         return lax.fori_loop(0, groups, lambda g, acc: acc + tile(kv, g * window + w0, wmask, k, kpos), acc)
 
     acc = lax.fori_loop(0, num_kv, head, jnp.zeros((bw, bn), jnp.float32))
-    store(out_ref.at[pl.ds(w0, bw), pl.ds(j0, bn)], acc, wmask[:, None] & span(j0, bn, n)[1][None, :])
+    store(out_ref.at[pl.ds(w0, bw), pl.ds(j0, bn)], acc, out_mask)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -182,22 +199,24 @@ def _score_reduction_pallas(q_win, k, q_pos, k_pos, row_weight, interpret):
     )(q, k, row_pos, k_pos, m, c)
 
 
-def _window_rows_pallas(q_win, k, q_pos, k_pos, interpret):
+def _window_rows_pallas(q_win, k, q_pos, k_pos, interpret, per_head=False):
     B, W, H, hd = q_win.shape
     _, n, K, _ = k.shape
     # q is transposed to [B, H, W, hd] (the stacked-row layout of pass 1; W/n * G of K's size, and under jit the
     # transpose fuses into the RoPE that produces q). K, the big operand that both passes stream, is read in place.
     q, row_pos, row_w = _rows_inputs(q_win.swapaxes(1, 2), q_pos, K)
     k_pos = k_pos.astype(jnp.int32)
-    m, c = _row_stats(q, k, row_pos, k_pos, row_w, num_heads=H, heads_first=False, interpret=interpret)
+    m, c = _row_stats(q, k, row_pos, k_pos, row_w, num_heads=1 if per_head else H, heads_first=False,
+                      interpret=interpret)
     R = q.shape[2]
     bw, bn, warps, stages = window_rows_block_sizes(W, n, hd)
     kernel = functools.partial(_rows_kernel, num_kv=K, groups=H // K, window=W, n=n, bw=bw, bn=bn, hd=hd,
-                               hdp=pow2(hd), scale=1.0 / math.sqrt(hd), heads_first=False)
+                               hdp=pow2(hd), scale=1.0 / math.sqrt(hd), heads_first=False, per_head=per_head)
+    out = (K, W, n) if per_head else (W, n)
     return _pallas_call(interpret, warps, stages)(
         kernel, grid=(B, cdiv(n, bn), cdiv(W, bw)),
         in_specs=[_per_b(K, R, hd), _per_b(n, K, hd), _per_b(R), _per_b(n), _per_b(K, R), _per_b(K, R)],
-        out_specs=_per_b(W, n), out_shape=jax.ShapeDtypeStruct((B, W, n), jnp.float32),
+        out_specs=_per_b(*out), out_shape=jax.ShapeDtypeStruct((B, *out), jnp.float32),
     )(q, k, row_pos, k_pos, m, c)
 
 
@@ -220,9 +239,10 @@ def score_reduction_reference(q_win, k, q_pos, k_pos, row_weight):
                       precision=jax.lax.Precision.HIGHEST) / q_win.shape[1]
 
 
-def window_rows_reference(q_win, k, q_pos, k_pos):
+def window_rows_reference(q_win, k, q_pos, k_pos, per_head=False):
     """Plain jnp, engine layouts (q_win [B, W, H, hd], k [B, n, K, hd]): materialises [B, H, W, n]."""
-    return jnp.mean(_probs_reference(q_win.swapaxes(1, 2), k.swapaxes(1, 2), q_pos, k_pos), axis=(1, 2))
+    p = _probs_reference(q_win.swapaxes(1, 2), k.swapaxes(1, 2), q_pos, k_pos)
+    return jnp.max(p, axis=2) if per_head else jnp.mean(p, axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -235,16 +255,18 @@ def score_reduction(q_win, k, q_pos, k_pos, row_weight, *, impl: str = "auto", i
     return score_reduction_reference(q_win, k, q_pos, k_pos, row_weight)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
-def window_rows(q_win, k, q_pos, k_pos, *, impl: str = "auto", interpret: bool | None = None):
+@functools.partial(jax.jit, static_argnames=("per_head", "impl", "interpret"))
+def window_rows(q_win, k, q_pos, k_pos, *, per_head: bool = False, impl: str = "auto",
+                interpret: bool | None = None):
     """Head-averaged softmax rows of the window queries, in the engine's layouts:
     q_win [B, W, H, hd], k [B, n, K, hd], q_pos [B, W] (-1 = padding row), k_pos [B, n] (-1 = padding)
     -> rows [B, W, n] float32, rows[b, w, j] = mean_h P[b, h, w, j] (invisible keys 0; a row with no visible
     key is all zeros). Query head h uses kv head h // (H / K). Selection scores are then
-    einsum("bw,bwn->bn", row_weight, rows). [B, H, W, n] is never written on the Pallas path."""
+    einsum("bw,bwn->bn", row_weight, rows). [B, H, W, n] is never written on the Pallas path.
+    per_head: rows [B, K, W, n], rows[b, k, w, j] = max over kv head k's query heads of P (per-head selection)."""
     if use_pallas(impl):
-        return _window_rows_pallas(q_win, k, q_pos, k_pos, resolve_interpret(interpret))
-    return window_rows_reference(q_win, k, q_pos, k_pos)
+        return _window_rows_pallas(q_win, k, q_pos, k_pos, resolve_interpret(interpret), per_head)
+    return window_rows_reference(q_win, k, q_pos, k_pos, per_head)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Layout invariants, for every layer and every sequence b:
   * after prefill, slots [0, length[b]) hold valid tokens in original order and the rest are empty (pos -1);
     generation writes each new token into the first empty slot, and eviction empties slots in place, so
     later the valid slots (length[b] of them) may be in any order: nothing depends on slot order;
-  * `pos` is each token's original position; keys are stored after RoPE.
+  * `pos` is each token's original position; keys are stored after RoPE;
+  * with per-KV-head selection every per-slot array (pos, rows, acc) and the length gain a KV-head axis after
+    the batch: each head's slots follow the invariants above on their own.
 Each layer's capacity is a static Python number computed from the prompt bucket, the generation bucket and
 the policy (`CachePlan`), so one compiled program serves every request of a bucket. What differs between
 sequences of one batch (prompt length, window, per-layer keep counts and budgets) is *data* (`SeqPlan`),
@@ -69,7 +71,22 @@ class PyramidConfig:
         (max-pooled over `pool_kernel` neighbouring keys in prefill when > 1, as SnapKV); "accumulated": the
         attention summed over every query so far (H2O's heavy hitters); "recency": its position (StreamingLLM:
         sinks + the most recent tokens). Every scorer averages over heads: one index set per layer serves
-        every KV head, so one gather moves a layer's keys and values.
+        every KV head, so one gather moves a layer's keys and values (unless `per_head`).
+    per_head: each KV head of a layer's cache keeps its own token set (positions and validity per head,
+        [B, K, C]). A KV head's attention row is the max over its query-head group's rows (a token that any
+        of the group's heads needs counts), and every scorer (window, pooled, value-weighted, accumulated)
+        runs on those rows; eviction is per head. The tokens whose hidden states go deeper stay ONE set, by
+        the max over the KV heads of their scores. Off: one set per layer, as the reference.
+    head_budget: with `per_head`, how a layer's tokens are split over its KV heads: "uniform" (each head keeps
+        the layer's keep count) or "adaptive" (AdaKV: the K * keep tokens go by one top-k over all (head,
+        token) scores, each head keeping its sinks, window and protected tokens plus at least `head_floor` of
+        the uniform share of context tokens, and at most `head_ceiling` times the uniform count). The cache
+        allocates every head the ceiling's slots, so adaptive costs memory: the KV bytes counted are the
+        allocated slots (the padding included). In generation each head keeps the count prefill gave it
+        (it evicts a block whenever it is one block above it, as every head of the layer at once).
+        Adaptive splits only where a layer's cache selects among the tokens that reached it (prune_hidden
+        off, or decoupled propagation with more tokens entering than kept). Per-head decode scoring keeps
+        its state per KV head: K times the memory of the window scorer's ring of rows ([B, K, W, C]).
     budget: a float in (0, 1] is a fraction of the full cache at the request's lengths (prompt + new tokens);
         an int >= 16 is a token budget: the layers share budget * num_layers tokens.
     min_tokens: the floor. No layer's cache is cut below it, and a request whose prompt + new tokens fit
@@ -107,6 +124,10 @@ class PyramidConfig:
     window_reduce: str = "mean"
     value_weighted: bool = False
     gen_scorer: str | None = None
+    per_head: bool = False
+    head_budget: str = "uniform"
+    head_floor: float = 0.2
+    head_ceiling: float = 1.5
     length_bucket: int = 8
     # Slots entering each layer in prefill are rounded up to a multiple of this (the extra slots are empty):
     # few distinct matmul shapes compile (and autotune) far faster than one per layer.
@@ -150,6 +171,12 @@ class PyramidConfig:
              "pool_kernel", "must be an odd int >= 1")
         need(self.observe is None or (count(self.observe) and self.observe >= 1), "observe",
              "must be None or an int >= 1")
+        need(isinstance(self.per_head, bool), "per_head", "must be True or False")
+        need(self.head_budget in ("uniform", "adaptive"), "head_budget", "must be 'uniform' or 'adaptive'")
+        need(self.head_budget == "uniform" or (self.per_head and self.prefill_schedule == "budget"), "head_budget",
+             "'adaptive' needs per_head=True and prefill_schedule='budget'")
+        need(real(self.head_floor) and 0 <= self.head_floor <= 1, "head_floor", "must lie in [0, 1]")
+        need(real(self.head_ceiling) and 1 <= self.head_ceiling <= 16, "head_ceiling", "must lie in [1, 16]")
         for f in ("length_bucket", "prefill_bucket"):
             need(count(getattr(self, f)) and getattr(self, f) >= 1, f, "must be an int >= 1")
         is_budget = "budget" in (self.prefill_schedule, self.gen_rule)
@@ -214,6 +241,11 @@ class PyramidConfig:
         return self.prune_from > 0 or self.propagate > 1
 
     @property
+    def adaptive(self) -> bool:
+        """KV heads of a layer split its tokens unevenly (AdaKV)."""
+        return self.per_head and self.head_budget == "adaptive"
+
+    @property
     def protects(self) -> bool:
         """Whether protect masks apply (budget policies only)."""
         return self.prefill_schedule == "budget"
@@ -266,8 +298,9 @@ FAMILIES = {
 def cache_preset(name: str) -> PyramidConfig:
     """Named policies: "full", "paper" (the reference settings), "budget-B" (PyramidInfer) and the same-budget
     baselines "streaming-B", "h2o-B", "snapkv-B", "pyramidkv-B", where B is a fraction of the full cache
-    ("0.45") or a token budget per layer ("512"); any of them with field overrides after a colon, e.g.
-    "budget-0.45:budget_profile=uniform,recent_ratio=0.1" or "h2o-512:min_tokens=0"."""
+    ("0.45") or a token budget per layer ("512"); any of them with field overrides after a colon, separated by
+    commas or colons, e.g. "budget-0.45:budget_profile=uniform,recent_ratio=0.1", "h2o-512:min_tokens=0" or
+    "pyramid-0.45:per_head=true:head_budget=adaptive"."""
     if not isinstance(name, str):
         raise ValueError(f"cache preset must be a name such as 'full' or 'budget-0.45', got {validate.describe(name)}")
     base, colon, overrides = name.partition(":")
@@ -299,11 +332,14 @@ def _named(name: str) -> PyramidConfig:
 def _parse_overrides(text: str, spec: str) -> dict:
     fields = {f.name for f in dataclasses.fields(PyramidConfig)} - {"name"}
     out = {}
-    for item in re.split(r",(?=\s*\w+\s*=)", text):  # commas inside a tuple value do not split
+    for item in re.split(r"[,:](?=\s*\w+\s*=)", text):  # commas inside a tuple value do not split
         key, eq, value = (part.strip() for part in item.partition("="))
         if not eq or key not in fields:
             raise ValueError(f"cache preset {spec!r}: {item.strip()!r} is not 'field=value' with a PyramidConfig "
                              f"field ({', '.join(sorted(fields))})")
+        if value.lower() in ("true", "false"):  # as a URL or a shell would write a bool
+            out[key] = value.lower() == "true"
+            continue
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -476,10 +512,26 @@ class CachePlan:
 def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
                   protected: int | None = None):
     """(prefill lengths, capacities, evictions per event, budgets) for one request with `protected` protected
-    tokens outside sinks and window (None: the policy's default mask)."""
-    L = num_layers
+    tokens outside sinks and window (None: the policy's default mask). Prefill lengths and budgets are per
+    KV head; with adaptive head budgets the capacity has room for the fullest head (`head_ceiling_count`)."""
     if protected is None:
         protected = protected_outside(policy, prompt_len)
+    pre, cap, evict, budget = _uniform_layer_lengths(policy, prompt_len, max_new, num_layers, protected)
+    if policy.adaptive:  # each head grows and shrinks as the uniform count would, from its own prefill count
+        enter = entering_lengths(policy, prompt_len, max_new, num_layers, protected)
+        cap = [c + head_ceiling_count(policy, k, e) - k for c, k, e in zip(cap, pre, enter)]
+    return pre, cap, evict, budget
+
+
+def head_ceiling_count(policy: PyramidConfig, keep: int, enter: int) -> int:
+    """Adaptive head budgets: the most prompt tokens one KV head of a layer may keep after prefill, when the
+    uniform count is `keep` of the `enter` tokens that reached the layer. In float32 arithmetic, as the
+    compiled selection computes it from the same numbers, so the two agree to the token."""
+    return min(enter, math.floor(np.float32(policy.head_ceiling) * np.float32(keep)))
+
+
+def _uniform_layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int, protected: int):
+    L = num_layers
     if policy.prefill_schedule == "budget" or policy.gen_rule == "budget":
         caps = budget_capacities(policy, prompt_len, max_new, L, protected)
     if policy.prefill_schedule == "none":
@@ -502,11 +554,11 @@ def layer_lengths(policy: PyramidConfig, prompt_len: int, max_new: int, num_laye
 def compresses(policy: PyramidConfig, prompt_len: int, max_new: int, num_layers: int,
                protected: int | None = None) -> bool:
     """Whether the policy drops anything from this request: in prefill, or in generation."""
-    pre, cap, _, _ = layer_lengths(policy, prompt_len, max_new, num_layers, protected)
+    pre, _, _, budget = layer_lengths(policy, prompt_len, max_new, num_layers, protected)
     if any(n < prompt_len for n in pre):
         return True
-    if policy.gen_rule == "budget":
-        return any(c < prompt_len + max_new for c in cap)
+    if policy.gen_rule == "budget":  # (the budget, not the capacity: adaptive head budgets pad the capacity)
+        return any(c < prompt_len + max_new for c in budget)
     if policy.gen_rule == "reference":  # the first cut comes once a whole generated block has left the window
         first_cut_step = window_size(policy, prompt_len) + policy.gen_block - 1
         return max_new > first_cut_step and min(gen_keep_counts(policy, num_layers)) < policy.gen_block
@@ -591,11 +643,23 @@ def make_seq_plan(plan: CachePlan, prompt_lens: list[int], max_new: int | list[i
     return SeqPlan(prompt_len=col(0), window=col(1), keep=col(2), enter=col(3), budget=col(4), protect=pinned)
 
 
-def protected_slots(seq: SeqPlan, pos: Int[Array, "B n"]) -> jax.Array:
-    """Whether each slot holds a protected prompt token ([B, n]; empty slots and generated tokens: False)."""
+def per_seq(x: jax.Array, like: jax.Array) -> jax.Array:
+    """A per-sequence array [B] shaped to broadcast against `like` ([B, n] or, per KV head, [B, K, n])."""
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def protected_slots(seq: SeqPlan, pos: Int[Array, "B *n"]) -> jax.Array:
+    """Whether each slot holds a protected prompt token (pos's shape; empty slots and generated tokens: False)."""
     S = seq.protect.shape[1]
-    inside = (pos >= 0) & (pos < S)
-    return inside & jnp.take_along_axis(seq.protect, jnp.clip(pos, 0, S - 1), axis=1)
+    flat = pos.reshape(pos.shape[0], -1)
+    inside = (flat >= 0) & (flat < S)
+    return (inside & jnp.take_along_axis(seq.protect, jnp.clip(flat, 0, S - 1), axis=1)).reshape(pos.shape)
+
+
+def forced_slots(seq: SeqPlan, pos: Int[Array, "B *n"], num_sinks: int) -> jax.Array:
+    """Prompt slots that prefill selection always keeps: sinks, the window and protected tokens."""
+    return ((pos < num_sinks) | (pos >= per_seq(seq.prompt_len - seq.window, pos))
+            | protected_slots(seq, pos))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -603,12 +667,16 @@ def protected_slots(seq: SeqPlan, pos: Int[Array, "B n"]) -> jax.Array:
 
 @struct.dataclass
 class LayerCache:
+    """One layer's cache. With per-KV-head selection (`PyramidConfig.per_head`) every per-slot array gains a
+    KV-head axis after the batch: pos [B, K, C], length [B, K], rows [B, K, W, C], acc [B, K, C]."""
     k: Float[Array, "B K C hd"]
     v: Float[Array, "B K C hd"]
-    pos: Int[Array, "B C"]  # original position of each slot, -1 when empty
-    length: Int[Array, " B"]  # number of valid slots
-    rows: Float[Array, "B W C"] | None  # head-averaged attention rows of the last W queries (ring by position)
-    acc: Float[Array, "B C"] | None = None  # head-averaged attention summed over every query so far (H2O)
+    pos: Int[Array, "B *K C"]  # original position of each slot, -1 when empty
+    length: Int[Array, "B *K"]  # number of valid slots
+    rows: Float[Array, "B *K W C"] | None  # attention rows of the last W queries (ring by position): the
+    # mean over query heads, or per KV head the max over its group
+    acc: Float[Array, "B *K C"] | None = None  # those rows summed over every query so far (H2O)
+    head_budget: Int[Array, "B K"] | None = None  # adaptive head budgets: each KV head's generation budget
 
 
 @struct.dataclass
@@ -621,12 +689,20 @@ class KVCache:
 
 
 def kv_bytes(cache: KVCache) -> list[int]:
-    """Exact bytes of each layer's K and V arrays."""
+    """Exact bytes of each layer's K and V arrays (allocated slots, empty ones included)."""
     return [lc.k.nbytes + lc.v.nbytes for lc in cache.layers]
 
 
+def held_tokens(lc: LayerCache) -> jax.Array:
+    """Tokens a layer holds per sequence [B]; per KV head, the mean over heads (the bytes of that many tokens'
+    K and V at every head are what the heads hold together)."""
+    return lc.length if lc.length.ndim == 1 else jnp.sum(lc.length, axis=-1) // lc.length.shape[-1]
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Scoring and selection (the window attention rows come from pallas_kernels.score_reduction.window_rows)
+# Scoring and selection (the window attention rows come from pallas_kernels.score_reduction.window_rows).
+# Scores, positions and keep counts are [B, n] / [B] for one token set per layer, or [B, K, n] / [B, K] per
+# KV head; every function here serves both.
 
 def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window: Int[Array, " B"],
                     weight: tuple[float, float], observe: int | None = None) -> Float[Array, "B W"]:
@@ -642,53 +718,84 @@ def recency_weights(row_pos: Int[Array, "B W"], newest: Int[Array, " B"], window
     return jnp.where(inside, w, 0.0) / window[:, None].astype(jnp.float32)
 
 
-def select_pivotal(scores: Float[Array, "B n"], pos: Int[Array, "B n"], seq: SeqPlan, keep: Int[Array, " B"],
-                   num_sinks: int, out_len: int):
-    """Prefill selection after one layer: per sequence, keep its sinks, its window, its protected tokens and the
-    top-scored context tokens, `keep[b]` tokens in all, in original order at the front of `out_len` slots.
-    Returns (gather indices [B, out_len], new positions [B, out_len] with -1 for unused slots)."""
-    n = pos.shape[1]
+def select_pivotal(scores: Float[Array, "B *K n"], pos: Int[Array, "B *K n"], seq: SeqPlan,
+                   keep: Int[Array, "B *K"], num_sinks: int, out_len: int):
+    """Prefill selection after one layer: per sequence (and KV head), keep its sinks, its window, its protected
+    tokens and the top-scored context tokens, `keep` tokens in all, in original order at the front of
+    `out_len` slots. Returns (gather indices, new positions with -1 for unused slots), [..., out_len]."""
+    n = pos.shape[-1]
     valid = pos >= 0
-    forced = (pos < num_sinks) | (pos >= (seq.prompt_len - seq.window)[:, None]) | protected_slots(seq, pos)
-    priority = jnp.where(valid, jnp.where(forced, BIG, scores), -jnp.inf)
+    priority = jnp.where(valid, jnp.where(forced_slots(seq, pos, num_sinks), BIG, scores), -jnp.inf)
     _, idx = jax.lax.top_k(priority, out_len)  # best first; ties go to the earlier slot
-    chosen = jnp.arange(out_len)[None, :] < keep[:, None]
-    order = jnp.sort(jnp.where(chosen, idx, idx + n), axis=1)  # chosen first, each group in slot order
+    chosen = jnp.arange(out_len) < keep[..., None]
+    order = jnp.sort(jnp.where(chosen, idx, idx + n), axis=-1)  # chosen first, each group in slot order
     idx = order % n
-    new_pos = jnp.where(order < n, jnp.take_along_axis(pos, idx, axis=1), -1)
+    new_pos = jnp.where(order < n, jnp.take_along_axis(pos, idx, axis=-1), -1)
     return idx, new_pos
 
 
-def window_scores(weights: Float[Array, "B W"], rows: Float[Array, "B W n"], reduce: str) -> Float[Array, "B n"]:
+def adaptive_head_counts(scores: Float[Array, "B K n"], pos: Int[Array, "B K n"], seq: SeqPlan,
+                         keep: Int[Array, " B"], enter: Int[Array, " B"], policy: PyramidConfig) -> jax.Array:
+    """AdaKV's split of a layer's K * keep tokens over its KV heads [B, K]. Every head keeps the forced tokens
+    (sinks, window, protected: F of them) and at least floor(head_floor * (keep - F)) context tokens; the rest
+    of the K * (keep - F) context tokens go by one top-k over every head's remaining context scores, at most
+    head_ceiling_count(keep, enter) tokens per head. A head's scores are taken best first, so capping its
+    rank caps its count; ties go to the lower head, then the better-ranked token."""
+    B, K, n = scores.shape
+    f32 = jnp.float32
+    forced = forced_slots(seq, pos, policy.num_sinks) & (pos >= 0)
+    context = (pos >= 0) & ~forced
+    n_forced = jnp.sum(forced[:, 0], axis=-1)  # every head saw the same tokens: [B]
+    share = jnp.maximum(keep - n_forced, 0)  # the uniform per-head context count
+    least = jnp.floor(f32(policy.head_floor) * share.astype(f32)).astype(share.dtype)
+    most = jnp.minimum(enter, jnp.floor(f32(policy.head_ceiling) * keep.astype(f32)).astype(keep.dtype)) - n_forced
+    ranked = -jnp.sort(jnp.where(context, -scores, jnp.inf), axis=-1)  # each head's context scores, best first
+    rank = jnp.arange(n)
+    eligible = (rank >= least[:, None, None]) & (rank < most[:, None, None]) & (ranked > -jnp.inf)
+    flat = jnp.where(eligible, ranked, -jnp.inf).reshape(B, K * n)
+    order = jnp.argsort(-flat, axis=-1, stable=True)  # ties: the lower (head, rank) first
+    place = jnp.zeros_like(order).at[jnp.arange(B)[:, None], order].set(jnp.arange(K * n)[None, :])
+    extra = K * (share - least)
+    picked = (place < extra[:, None]) & eligible.reshape(B, K * n)
+    return n_forced[:, None] + least[:, None] + jnp.sum(picked.reshape(B, K, n), axis=-1, dtype=keep.dtype)
+
+
+def window_scores(weights: Float[Array, "B W"], rows: Float[Array, "B *K W n"], reduce: str) -> jax.Array:
     """Combine the observed queries' attention rows: their weighted mean (weights from `recency_weights`), or
-    their maximum over the rows of nonzero weight."""
+    their maximum over the rows of nonzero weight. [B, n], or [B, K, n] for per-KV-head rows."""
     if reduce == "mean":
-        return jnp.einsum("bw,bwn->bn", weights, rows)
-    return jnp.max(jnp.where(weights[:, :, None] > 0, rows, 0.0), axis=1)
+        return jnp.einsum("bw,bwn->bn" if rows.ndim == 3 else "bw,bkwn->bkn", weights, rows)
+    w = weights.reshape(weights.shape[:1] + (1,) * (rows.ndim - 3) + weights.shape[1:] + (1,))
+    return jnp.max(jnp.where(w > 0, rows, 0.0), axis=-2)
 
 
-def value_norms(v: Float[Array, "B K n hd"]) -> Float[Array, "B n"]:
-    """Each slot's value norm, averaged over KV heads, in float32 (value-aware scores)."""
-    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1)), axis=1)
+def value_norms(v: Float[Array, "B K n hd"], per_head: bool = False) -> jax.Array:
+    """Each slot's value norm in float32: averaged over KV heads [B, n], or per KV head [B, K, n]."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1))
+    return norms if per_head else jnp.mean(norms, axis=1)
 
 
-def pool_scores(scores: Float[Array, "B n"], kernel: int) -> Float[Array, "B n"]:
+def pool_scores(scores: Float[Array, "B *K n"], kernel: int) -> jax.Array:
     """Max over each token's `kernel` neighbours (SnapKV's pooling: keeps a selected token's neighbours too).
     Prefill slots are in position order, so neighbouring slots are neighbouring tokens."""
     if kernel == 1:
         return scores
-    return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, kernel), (1, 1),
-                                 ((0, 0), (kernel // 2, kernel // 2)))
+    lead = (1,) * (scores.ndim - 1)
+    return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, lead + (kernel,), lead + (1,),
+                                 ((0, 0),) * len(lead) + ((kernel // 2, kernel // 2),))
 
 
-def evict(lc: LayerCache, scores: Float[Array, "B C"], candidate: jax.Array, trigger: jax.Array, n_evict: int):
-    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence: returns the layer's new
-    (pos, length). Nothing moves: the slots are marked empty (pos -1) and the next tokens are written into
-    them, so an eviction costs a top-k over the slot scores and a few scalar writes, never a pass over the
-    keys and values. Non-candidates (sinks, window, protected tokens, empty slots) always stay: where a
-    sequence has fewer candidates than `n_evict`, only its candidates go, and its length counts what went."""
+def evict(lc: LayerCache, scores: Float[Array, "B *K C"], candidate: jax.Array, trigger: jax.Array, n_evict: int):
+    """Free the `n_evict` lowest-scored candidate slots of every triggered sequence (trigger [B]) or KV head
+    (trigger [B, K]): returns the layer's new (pos, length). Nothing moves: the slots are marked empty (pos -1)
+    and the next tokens are written into them, so an eviction costs a top-k over the slot scores and a few
+    scalar writes, never a pass over the keys and values. Non-candidates (sinks, window, protected tokens,
+    empty slots) always stay: where a sequence has fewer candidates than `n_evict`, only its candidates go,
+    and its length counts what went."""
     idx = jax.lax.top_k(jnp.where(candidate, -scores, -jnp.inf), n_evict)[1]  # top_k takes the largest
-    b = jnp.arange(lc.pos.shape[0])[:, None]
-    gone = trigger[:, None] & jnp.take_along_axis(candidate, idx, axis=1)
-    return (lc.pos.at[b, idx].set(jnp.where(gone, -1, lc.pos[b, idx])),
-            lc.length - jnp.sum(gone, axis=1, dtype=lc.length.dtype))
+    gone = trigger[..., None] & jnp.take_along_axis(candidate, idx, axis=-1)
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (one row per sequence, or per head)
+    pos, idx_f, gone_f = flat(lc.pos), flat(idx), flat(gone)
+    r = jnp.arange(pos.shape[0])[:, None]
+    pos = pos.at[r, idx_f].set(jnp.where(gone_f, -1, pos[r, idx_f]))
+    return pos.reshape(lc.pos.shape), lc.length - jnp.sum(gone, axis=-1, dtype=lc.length.dtype)

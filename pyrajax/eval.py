@@ -116,7 +116,7 @@ def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation:
         itemsize = cache.layers[0].k.dtype.itemsize
         _, nll, cache = extend(params, cache, batch[:, prompt:-1], plan, cfg, impl, targets=batch[:, context:])
         nlls.append(np.asarray(nll)[:n])
-        lengths.append(np.stack([np.asarray(lc.length) for lc in cache.layers], axis=1)[:n])
+        lengths.append(np.stack([np.asarray(kvc.held_tokens(lc)) for lc in cache.layers], axis=1)[:n])
     nll = np.concatenate(nlls).astype(np.float64)
     per_token = cfg.kv_bytes_per_token_layer(itemsize)
     full = cfg.num_layers * (S + forced) * per_token  # per sequence, same slots

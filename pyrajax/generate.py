@@ -98,12 +98,13 @@ def bucket(n: int, minimum: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Prefill
 
-def _to_cache_layout(x: jax.Array, capacity: int, fill) -> jax.Array:
-    """[B, n, ...] -> `capacity` slots along axis 1: padded, or cut where the bucketed prefill slots exceed the
+def _to_cache_layout(x: jax.Array, capacity: int, fill, axis: int = 1) -> jax.Array:
+    """n slots along `axis` -> `capacity` slots: padded, or cut where the bucketed prefill slots exceed the
     capacity (valid tokens come first and never exceed it)."""
-    x = x[:, :capacity]
+    axis = axis % x.ndim
+    x = jax.lax.slice_in_dim(x, 0, min(capacity, x.shape[axis]), axis=axis)
     pad = [(0, 0)] * x.ndim
-    pad[1] = (0, capacity - x.shape[1])
+    pad[axis] = (0, capacity - x.shape[axis])
     return jnp.pad(x, pad, constant_values=fill)
 
 
@@ -118,11 +119,17 @@ def _window_queries(lp, x, pos, length, W: int, cfg: ModelConfig):
     return queries(lp, jnp.take_along_axis(x, safe[:, :, None], axis=1), win_pos, cfg), win_pos
 
 
-def _accumulated_scores(q, k, pos, impl: str, chunk: int = 512):
-    """H2O's prefill scores: each key's head-averaged attention summed over every prompt query ([B, n]).
-    Queries go through the score-reduction kernel in chunks, so no [B, H, n, n] is ever materialised whole."""
-    k_heads = k.swapaxes(1, 2)
+def _accumulated_scores(q, k, pos, impl: str, per_head: bool = False, chunk: int = 512):
+    """H2O's prefill scores: each key's attention summed over every prompt query: head-averaged [B, n], or per
+    KV head its group's max [B, K, n]. Queries go through the score-reduction kernel (per head: the window-rows
+    kernel) in chunks, so no [B, H, n, n] is ever materialised whole."""
     total = 0.0
+    if per_head:
+        for i in range(0, q.shape[1], chunk):
+            rows = window_rows(q[:, i:i + chunk], k, pos[:, i:i + chunk], pos, per_head=True, impl=impl)
+            total = total + jnp.sum(rows, axis=2)
+        return total
+    k_heads = k.swapaxes(1, 2)
     for i in range(0, q.shape[1], chunk):
         q_pos = pos[:, i:i + chunk]
         total = total + score_reduction(q[:, i:i + chunk].swapaxes(1, 2), k_heads, q_pos, pos,
@@ -131,9 +138,13 @@ def _accumulated_scores(q, k, pos, impl: str, chunk: int = 512):
 
 
 def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_rows, accumulated, v):
-    """One importance score per token slot [B, n] under the policy's prefill scorer (higher = keep)."""
+    """One importance score per token slot under the policy's prefill scorer (higher = keep): [B, n], or per
+    KV head [B, K, n]."""
     if policy.scorer == "recency":
-        return pos.astype(jnp.float32)
+        scores = pos.astype(jnp.float32)
+        if policy.per_head:  # every head alike
+            scores = jnp.broadcast_to(scores[:, None], (pos.shape[0], v.shape[2], pos.shape[1]))
+        return scores
     if policy.scorer == "accumulated":
         scores = accumulated
     else:
@@ -141,17 +152,39 @@ def _selection_scores(policy: PyramidConfig, pos, seq: SeqPlan, win_pos, win_row
                                       policy.observe)
         scores = kvc.window_scores(weights, win_rows, policy.window_reduce)
     if policy.value_weighted:
-        scores = scores * kvc.value_norms(v.swapaxes(1, 2))
+        scores = scores * kvc.value_norms(v.swapaxes(1, 2), policy.per_head)
     return kvc.pool_scores(scores, policy.pool_kernel)
+
+
+def _head_keep(policy: PyramidConfig, scores, pos, seq: SeqPlan, l: int):
+    """Prompt tokens each KV head of layer l caches after prefill [B, K]: the layer's keep count for every head,
+    or (adaptive) AdaKV's split of K times it."""
+    B, K, _ = scores.shape
+    if policy.adaptive:
+        return kvc.adaptive_head_counts(scores, pos, seq, seq.keep[:, l], seq.enter[:, l], policy)
+    return jnp.broadcast_to(seq.keep[:, l, None], (B, K))
+
+
+def _gather_heads(idx, k, v, impl: str):
+    """Each KV head's own selection idx [B, K, m] of k and v [B, n, K, hd] -> k, v [B, m, K, hd]: the
+    pivotal-gather kernel over (sequence, head) rows."""
+    B, n, K, hd = k.shape
+    m = idx.shape[-1]
+    kv = jnp.concatenate([k, v], axis=-1).swapaxes(1, 2).reshape(B * K, n, 2 * hd)
+    rows = pivotal_gather(idx.reshape(B * K, m), kv, jnp.zeros((B * K, n), jnp.int32), impl=impl)[0]
+    return jnp.split(rows.reshape(B, K, m, 2 * hd).swapaxes(1, 2), 2, axis=-1)
 
 
 def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig,
             impl: str = "auto"):
     """Run the prompt through every layer, selecting per the plan: with `prune_hidden` the unselected tokens
     stop after the layer (PyramidInfer), otherwise every token goes on and only the layer's cache is cut.
-    Returns (logits of each sequence's last prompt token [B, V], the filled KVCache)."""
+    With `per_head`, each KV head selects its own cache from the tokens that reached the layer; the tokens
+    that go deeper are chosen by the max over the heads' scores. Returns (logits of each sequence's last
+    prompt token [B, V], the filled KVCache)."""
     B, S = tokens.shape
     policy, W, L = plan.policy, plan.window, plan.num_layers
+    per_head = policy.per_head
     pos = jnp.where(jnp.arange(S)[None, :] < seq.prompt_len[:, None], jnp.arange(S)[None, :], -1).astype(jnp.int32)
     x = embed(params, tokens)
     # Ring slot of each window row: query position mod W, so decoding can keep overwriting the oldest row.
@@ -170,36 +203,50 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
             q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
         q, k, v = qkv(lp, x, pos, cfg)
         if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
-            accumulated = _accumulated_scores(q, k, pos, impl)
+            accumulated = _accumulated_scores(q, k, pos, impl, per_head)
         x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
-        if windowed:
-            win_rows = window_rows(q_win, k, win_pos, pos, impl=impl)  # [B, W, n], never [B, H, W, n]
+        if windowed:  # [B, W, n] (per head [B, K, W, n]), never [B, H, W, n]
+            win_rows = window_rows(q_win, k, win_pos, pos, per_head=per_head, impl=impl)
             if row_pos is None:
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)
         if prune or trim:
             scores = _selection_scores(policy, pos, seq, win_pos, win_rows, accumulated, v)
-        rows = (jnp.take_along_axis(win_rows, ring_src[:, :, None], axis=1) if policy.keeps_rows else None)
+        rows = None
+        if policy.keeps_rows:  # window rows into ring order (the W axis: second to last)
+            rows = jnp.take_along_axis(win_rows, ring_src[:, :, None] if not per_head else ring_src[:, None, :, None],
+                                       axis=-2)
         acc = accumulated if policy.keeps_accumulated else None
-        cache_pos = pos
+        # what the cache's slots hold: the tokens that entered, per KV head the same for every head
+        cache_pos = pos if not per_head else jnp.broadcast_to(pos[:, None], (B, k.shape[2], pos.shape[1]))
         if trim:  # gather the kept tokens' keys, values, positions and scores into the layer's slots
             n = pos.shape[1]
-            idx, cache_pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l], policy.num_sinks, min(C, n))
-            kv = pivotal_gather(idx, jnp.concatenate([k, v], axis=2).reshape(B, n, -1), pos, impl=impl)[0]
-            k, v = jnp.split(kv.reshape(B, -1, 2 * k.shape[2], k.shape[3]), 2, axis=2)
+            if per_head:  # each KV head its own tokens
+                keep = _head_keep(policy, scores, cache_pos, seq, l)
+                idx, cache_pos = kvc.select_pivotal(scores, cache_pos, seq, keep, policy.num_sinks, min(C, n))
+                k, v = _gather_heads(idx, k, v, impl)
+            else:
+                idx, cache_pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l], policy.num_sinks, min(C, n))
+                kv = pivotal_gather(idx, jnp.concatenate([k, v], axis=2).reshape(B, n, -1), pos, impl=impl)[0]
+                k, v = jnp.split(kv.reshape(B, -1, 2 * k.shape[2], k.shape[3]), 2, axis=2)
             kept = cache_pos >= 0
             if rows is not None:
-                rows = jnp.where(kept[:, None, :], jnp.take_along_axis(rows, idx[:, None, :], axis=2), 0.0)
+                rows = jnp.where(kept[..., None, :], jnp.take_along_axis(rows, idx[..., None, :], axis=-1), 0.0)
             if acc is not None:
-                acc = jnp.where(kept, jnp.take_along_axis(acc, idx, axis=1), 0.0)
+                acc = jnp.where(kept, jnp.take_along_axis(acc, idx, axis=-1), 0.0)
         if rows is not None:
-            rows = _to_cache_layout(rows.swapaxes(1, 2), C, 0.0).swapaxes(1, 2)
+            rows = _to_cache_layout(rows, C, 0.0, axis=-1)
         k_slots, v_slots = (_to_cache_layout(a, C, 0).swapaxes(1, 2) for a in (k, v))
-        layers.append(LayerCache(k=k_slots, v=v_slots, pos=_to_cache_layout(cache_pos, C, -1),
-                                 length=jnp.sum(cache_pos >= 0, axis=1).astype(jnp.int32), rows=rows,
-                                 acc=None if acc is None else _to_cache_layout(acc, C, 0.0)))
-        if prune:
-            idx, pos = kvc.select_pivotal(scores, pos, seq, seq.enter[:, l + 1], policy.num_sinks,
+        length = jnp.sum(cache_pos >= 0, axis=-1).astype(jnp.int32)
+        # Adaptive head budgets: each head keeps, through generation, the room above its prefill count that
+        # the layer's uniform budget leaves (one block when compressed).
+        head_budget = length + (seq.budget[:, l] - seq.keep[:, l])[:, None] if policy.adaptive else None
+        layers.append(LayerCache(k=k_slots, v=v_slots, pos=_to_cache_layout(cache_pos, C, -1, axis=-1),
+                                 length=length, rows=rows, head_budget=head_budget,
+                                 acc=None if acc is None else _to_cache_layout(acc, C, 0.0, axis=-1)))
+        if prune:  # one set for every head: a token any head needs (the max over the heads' scores) goes on
+            shared = jnp.max(scores, axis=1) if per_head else scores
+            idx, pos = kvc.select_pivotal(shared, pos, seq, seq.enter[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
             x = pivotal_gather(idx, x, pos, impl=impl)[0]
     last = jnp.sum(pos >= 0, axis=1) - 1
@@ -233,8 +280,8 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
     if policy.gen_rule == "reference":  # the oldest uncut generated block has left the window: every layer
         trigger = jnp.broadcast_to((cache.compressed_upto + policy.gen_block - 1 <= p - seq.window)[:, None],
                                    (p.shape[0], len(todo)))
-    else:  # "budget": the layer is at its budget
-        trigger = jnp.stack([layers[l].length for l in todo], axis=1) >= seq.budget[:, np.array(todo)]
+    else:  # "budget": the layer is at its budget (per KV head: some head is at its own)
+        trigger = jnp.stack([_at_budget(layers[l], seq.budget[:, l]) for l in todo], axis=1)
     trigger = trigger & live[:, None]
 
     def run(cache, p, trigger):  # on any rows: the batch's, or a group of them
@@ -245,19 +292,24 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
         out = []
         for i, l in enumerate(todo):
             lc = layers[l]
+            col = lambda x: kvc.per_seq(x, lc.pos)  # noqa: E731  (per sequence, against [B, C] or [B, K, C])
             used = lc.pos >= 0
             if policy.gen_rule == "reference":
-                lo = cache.compressed_upto[:, None]
+                lo = col(cache.compressed_upto)
                 candidate = used & (lc.pos >= lo) & (lc.pos < lo + policy.gen_block)
             else:  # anything but sinks, the window and protected prompt tokens may go
-                candidate = (used & (lc.pos >= policy.num_sinks) & (lc.pos <= (p - seq.window)[:, None])
+                candidate = (used & (lc.pos >= policy.num_sinks) & (lc.pos <= col(p - seq.window))
                              & ~kvc.protected_slots(seq, lc.pos))
             scores = (kvc.window_scores(weights, lc.rows, policy.window_reduce) if scorer == "window"
                       else lc.acc if scorer == "accumulated"
                       else lc.pos.astype(jnp.float32))  # "recency": the oldest go first
             if policy.value_weighted:  # one pass over the values, on eviction steps only
-                scores = scores * kvc.value_norms(lc.v)
-            out.append(kvc.evict(lc, scores, candidate, trigger[:, i], plan.evict[l]))
+                scores = scores * kvc.value_norms(lc.v, policy.per_head)
+            now = trigger[:, i]
+            if policy.per_head:  # each head of a triggered layer that is at its own budget (or every head)
+                now = (now[:, None] & (lc.length >= _head_budgets(lc, seq.budget[:, l])) if policy.gen_rule == "budget"
+                       else jnp.broadcast_to(now[:, None], lc.length.shape))
+            out.append(kvc.evict(lc, scores, candidate, now, plan.evict[l]))
         return tuple(out)
 
     def skip(*_):
@@ -274,6 +326,18 @@ def _evict(cache: KVCache, plan: CachePlan, p: jax.Array, live: jax.Array) -> tu
     for l, (pos, length) in zip(todo, evicted):
         layers[l] = layers[l].replace(pos=pos, length=length)
     return tuple(layers)
+
+
+def _head_budgets(lc: LayerCache, budget: jax.Array) -> jax.Array:
+    """Each KV head's generation budget [B, K]: its own (adaptive head budgets) or the layer's."""
+    return lc.head_budget if lc.head_budget is not None else budget[:, None]
+
+
+def _at_budget(lc: LayerCache, budget: jax.Array) -> jax.Array:
+    """Whether the layer must evict before this step's append [B]: it (per KV head: some head) is at its budget."""
+    if lc.length.ndim == 1:
+        return lc.length >= budget
+    return jnp.any(lc.length >= _head_budgets(lc, budget), axis=-1)
 
 
 def _eviction_group(batch: int, block: int) -> int:
@@ -312,24 +376,29 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     for l, lp in enumerate(params.layers):
         lc = evicted[l]
         q, k, v = qkv(lp, x, p[:, None], cfg)
+        # Index of each (sequence) or (sequence, KV head) row of the slot arrays: per head, each head writes
+        # the new token into its own first empty slot.
+        at = (b,) if lc.pos.ndim == 2 else (b[:, None], jnp.arange(lc.pos.shape[1])[None, :])
         # The first empty slot. Capacities guarantee one; were there none, the write is dropped (slot index out
         # of range) rather than landing on slot 0, a sink.
-        slot = jnp.argmax(lc.pos < 0, axis=1)
-        room = (lc.pos[b, slot] < 0) & live
-        slot = jnp.where(room, slot, lc.pos.shape[1])
-        lc = lc.replace(k=lc.k.at[b, :, slot].set(k[:, 0], mode="drop"),
-                        v=lc.v.at[b, :, slot].set(v[:, 0], mode="drop"),
-                        pos=lc.pos.at[b, slot].set(p, mode="drop"), length=lc.length + room)
+        slot = jnp.argmax(lc.pos < 0, axis=-1)
+        room = (lc.pos[at + (slot,)] < 0) & kvc.per_seq(live, slot)
+        slot = jnp.where(room, slot, lc.pos.shape[-1])
+        new_pos = jnp.broadcast_to(kvc.per_seq(p, slot), slot.shape)
+        k_at = (b, slice(None), slot) if lc.pos.ndim == 2 else at + (slot,)
+        lc = lc.replace(k=lc.k.at[k_at].set(k[:, 0], mode="drop"), v=lc.v.at[k_at].set(v[:, 0], mode="drop"),
+                        pos=lc.pos.at[at + (slot,)].set(new_pos, mode="drop"), length=lc.length + room)
         # Slots past the highest one in use are skipped by the attention kernel.
-        in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[1]) + 1, 0))
-        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)
+        in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[-1]) + 1, 0))
+        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)  # prob: pos's shape
         if lc.rows is not None:
             # A reused slot's column still holds the evicted token's attention in older rows. It is never read:
             # the new token stays in the window (not a candidate) for W steps, by which time every ring row
             # has been rewritten by a query that saw it, and rows outside a sequence's window weigh 0.
-            lc = lc.replace(rows=lc.rows.at[b, ring].set(prob, mode="drop"))
+            lc = lc.replace(rows=lc.rows.at[at + (kvc.per_seq(ring, slot),)].set(prob, mode="drop"))
         if lc.acc is not None:  # the reused slot starts from this query's attention alone
-            lc = lc.replace(acc=lc.acc.at[b, slot].set(0.0, mode="drop") + jnp.where(live[:, None], prob, 0.0))
+            lc = lc.replace(acc=lc.acc.at[at + (slot,)].set(0.0, mode="drop")
+                            + jnp.where(kvc.per_seq(live, prob), prob, 0.0))
         x = finish_layer(lp, x, out[:, None], cfg)
         layers.append(lc)
     cache = cache.replace(layers=tuple(layers), next_pos=p + live)
@@ -430,9 +499,12 @@ def _widen_ring(cache: KVCache, window: int) -> KVCache:
     valid = (p >= 0) & (p < cache.seq.prompt_len[:, None])
     src = jnp.mod(p, W_b)
     row_pos = jnp.where(valid, jnp.take_along_axis(cache.row_pos, src, axis=1), -1)
-    layers = tuple(lc if lc.rows is None else lc.replace(
-        rows=jnp.where(valid[:, :, None], jnp.take_along_axis(lc.rows, src[:, :, None], axis=1), 0.0))
-        for lc in cache.layers)
+    def widen(rows):  # [B, W_b, C] or per KV head [B, K, W_b, C]: the ring axis is second to last
+        lead = (slice(None),) + (None,) * (rows.ndim - 3)
+        return jnp.where(valid[lead + (slice(None), None)],
+                         jnp.take_along_axis(rows, src[lead + (slice(None), None)], axis=-2), 0.0)
+
+    layers = tuple(lc if lc.rows is None else lc.replace(rows=widen(lc.rows)) for lc in cache.layers)
     return cache.replace(layers=layers, row_pos=row_pos)
 
 
@@ -448,7 +520,7 @@ def prefill_program(params, tokens, seq, req, *, plan, cfg, impl, window):
     TRACE_COUNTS["prefill"] += 1
     logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
     first = sample(logits, req.seed, jnp.zeros_like(req.seed), req.temperature, req.top_p, req.top_k)
-    return first, _widen_ring(cache, window), jnp.stack([lc.length for lc in cache.layers], axis=1)
+    return first, _widen_ring(cache, window), jnp.stack([kvc.held_tokens(lc) for lc in cache.layers], axis=1)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -500,7 +572,7 @@ def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, 
 
     carry = (jnp.int32(0), state.replace(done=start), jnp.full((B, steps), -1, jnp.int32))
     _, state, out = jax.lax.while_loop(cond, body, carry)
-    return state, out, jnp.stack([lc.length for lc in state.cache.layers], axis=1)
+    return state, out, jnp.stack([kvc.held_tokens(lc) for lc in state.cache.layers], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))

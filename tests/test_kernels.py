@@ -110,6 +110,34 @@ def test_window_rows(seed, B, H, K, W, n, hd, dtype):
         rtol=1e-4 if dtype == F32 else 2e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed,B,H,K,W,n,hd,dtype", [
+    (31, 2, 6, 2, 9, 37, 16, F32),      # G = 3, odd lengths
+    (32, 2, 8, 1, 13, 100, 24, BF16),   # G = 8, head dim not a power of two
+    (33, 1, 4, 4, 130, 37, 16, F32),    # G = 1 (max = the head's own row), two window blocks
+])
+def test_window_rows_per_head(seed, B, H, K, W, n, hd, dtype):
+    """Per-KV-head rows: the max over each kv head's query heads, every element written (NaN-filled outputs
+    in interpret mode), padding keys poisoned with NaN (never read)."""
+    args = rows_inputs(seed, B, H, K, W, n, hd, dtype)
+    got = window_rows(*args, per_head=True, impl="pallas", interpret=True)
+    want = window_rows_reference(*args, per_head=True)
+    assert got.shape == (B, K, W, n) and got.dtype == F32
+    assert_close(got, want, dtype)
+    # Against the per-query-head probabilities written out here: the group max, and >= the head mean.
+    q, k, q_pos, k_pos = args
+    s = np.einsum("bwhd,bnhd->bhwn", np.asarray(q, np.float64),
+                  np.repeat(np.nan_to_num(np.asarray(k, np.float64)), H // K, axis=2)) / np.sqrt(hd)
+    vis = np.asarray((k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None]))[:, None]
+    with np.errstate(invalid="ignore"):  # rows that see no key: 0 / 0, then 0
+        p = np.where(vis, np.exp(s - np.where(vis, s, -np.inf).max(-1, keepdims=True)), 0.0)
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(got), p.reshape(B, K, H // K, W, n).max(2),
+                               rtol=1e-4 if dtype == F32 else 3e-2, atol=1e-5 if dtype == F32 else 1e-2)
+    mean = window_rows_reference(*args)
+    assert (np.asarray(got).max(1) >= np.asarray(mean) - 1e-6).all()
+    assert (np.asarray(got)[0] == 0).all()  # the fully padded sequence
+
+
 def test_window_rows_dispatch():
     args = rows_inputs(26, 1, 2, 1, 3, 20, 16, F32)
     np.testing.assert_array_equal(window_rows(*args, impl="auto"), window_rows(*args, impl="xla"))
@@ -168,6 +196,49 @@ def test_decode_attention(seed, B, H, K, C, length, hd, dtype, block_c, splits):
         assert_close(prob, want_prob, dtype)
         assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
         np.testing.assert_allclose(prob.sum(1), valid.any(1).astype(F32), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed,B,H,K,C,length,hd,dtype,block_c,splits", [
+    (41, 2, 6, 2, 77, 61, 16, F32, 16, 2),     # G = 3, odd capacity and length
+    (42, 3, 8, 4, 100, 100, 24, BF16, 32, 3),  # G = 2, head dim not a power of two, full cache
+    (43, 2, 4, 1, 45, 9, 16, F32, 16, 3),      # G = 4, K = 1, a short length: most splits empty
+])
+def test_decode_attention_per_head(seed, B, H, K, C, length, hd, dtype, block_c, splits):
+    """Per-KV-head positions [B, K, C]: each kv head attends over its own slots (holes, padding and
+    future tokens differ per head) and the probability row is the max over each head's query group."""
+    kq, kk, kv, kp = keys(seed, 4)
+    per_head = [random_positions(key, B, C, holes=0.3) for key in jax.random.split(kp, K)]
+    k_pos = jnp.stack([p for p, _ in per_head], axis=1)  # [B, K, C]
+    last = jnp.max(jnp.stack([l for _, l in per_head], axis=1), axis=1)
+    q_pos = (last + jnp.where(jnp.arange(B) % 2 == 0, 1, -3)).astype(jnp.int32)
+    q = jax.random.normal(kq, (B, H, hd), dtype)
+    k, v = jax.random.normal(kk, (B, K, C, hd), dtype), jax.random.normal(kv, (B, K, C, hd), dtype)
+    valid = (jnp.arange(C) < length) & (k_pos >= 0) & (k_pos <= q_pos[:, None, None])
+    want_out, want_prob = decode_attention_reference(q, k, v, k_pos, q_pos, jnp.int32(length))
+    # Each kv head's query group over that head's own slots, one head at a time with the shared-set layout.
+    G = H // K
+    for h in range(K):
+        out_h, _ = decode_attention_reference(q[:, h * G:(h + 1) * G], k[:, h:h + 1], v[:, h:h + 1], k_pos[:, h],
+                                              q_pos, jnp.int32(length))
+        assert_close(want_out[:, h * G:(h + 1) * G], out_h, dtype)
+    poison = lambda x: jnp.where(valid[..., None], x, jnp.nan)  # noqa: E731
+    for out, prob in (decode_attention(q, poison(k), poison(v), k_pos, q_pos, jnp.int32(length), impl="pallas",
+                                       interpret=True, block_c=block_c, num_splits=splits),
+                      decode_attention_reference(q, poison(k), poison(v), k_pos, q_pos, jnp.int32(length))):
+        assert out.shape == (B, H, hd) and prob.shape == (B, K, C) and prob.dtype == F32
+        assert_close(out, want_out, dtype)
+        assert_close(prob, want_prob, dtype)
+        assert (np.asarray(prob)[~np.asarray(valid)] == 0).all()
+        # The max over a group of G softmax rows sums to at least 1 (one row's mass) and at most G (all of it).
+        total = np.asarray(prob).sum(-1)
+        seen = np.asarray(valid.any(-1))
+        assert (total[seen] >= 1 - 1e-5).all() and (total[seen] <= G + 1e-5).all() and (total[~seen] == 0).all()
+    # One set per sequence is the per-head layout with every head holding it: the same output.
+    shared = k_pos[:, 0]
+    same = decode_attention_reference(q, k, v, jnp.repeat(shared[:, None], K, axis=1), q_pos, jnp.int32(length))
+    np.testing.assert_array_equal(np.asarray(same[0], np.float32),
+                                  np.asarray(decode_attention_reference(q, k, v, shared, q_pos,
+                                                                        jnp.int32(length))[0], np.float32))
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -235,6 +306,7 @@ def test_score_reduction_lowers_for_cuda(B, H, K, W, n, hd, dtype):
 def test_window_rows_lowers_for_cuda(B, H, K, W, n, hd, dtype):
     specs = (S((B, W, H, hd), dtype), S((B, n, K, hd), dtype), S((B, W), I32), S((B, n), I32))
     assert lower_for_cuda(window_rows, *specs) == 2
+    assert lower_for_cuda(functools.partial(window_rows, per_head=True), *specs) == 2
 
 
 @pytest.mark.parametrize("B,n,m,D,K,hd,dtype", [(32, 512, 460, 4096, 32, 128, BF16), (2, 37, 20, 600, 3, 24, F32)])
@@ -250,3 +322,5 @@ def test_decode_lowers_for_cuda(B, H, K, C, hd, dtype):
     specs = (S((B, H, hd), dtype), S((B, K, C, hd), dtype), S((B, K, C, hd), dtype), S((B, C), I32),
              S((B,), I32), S((), I32))
     assert lower_for_cuda(decode_attention, *specs) == 1
+    per_head = specs[:3] + (S((B, K, C), I32),) + specs[4:]
+    assert lower_for_cuda(decode_attention, *per_head) == 1

@@ -196,6 +196,12 @@ class Reference:
         self._record_margin(score[chosen], score[dropped])
         return sorted([i for i in range(n) if forced[i]] + chosen)
 
+    def _forward_layer(self, lp, x, pos):
+        """One prefill layer on the tokens that reached it: (its output, k, v, attention probabilities)."""
+        q, k, v = project(lp, self.cfg, x, pos)
+        out, probs = attend(self.cfg, q, pos, k, v, pos)
+        return finish(lp, self.cfg, x, out), k, v, probs
+
     def prefill(self) -> list[np.ndarray]:
         """Returns the positions each layer caches (with prune_hidden: the positions entering it)."""
         cfg, pol, P, s, W = self.cfg, self.policy, self.P, self.s, self.W
@@ -203,9 +209,7 @@ class Reference:
         pos = np.arange(s)
         cached = []
         for l, lp in enumerate(P["layers"]):
-            q, k, v = project(lp, cfg, x, pos)
-            out, probs = attend(cfg, q, pos, k, v, pos)
-            x = finish(lp, cfg, x, out)
+            x, k, v, probs = self._forward_layer(lp, x, pos)
             # The window queries are the last W prompt tokens (always kept, so always the last W entries).
             n = len(pos)
             self.rows_now = [(int(pos[i]), self._row(probs[:, i, :], pos)) for i in range(n - W, n)]
@@ -393,16 +397,22 @@ SEED_FOR_POLICY = {("h4kv1-L4", "h2o"): 4, ("h4kv2-L3", "snapkv"): 4, ("h6kv3-L5
                    ("h4kv1-L4", "window->acc"): 4, ("h6kv3-L5", "max+value"): 4}
 
 
+def model_and_prompts(model_name: str, seed: int, lens):
+    """The tiny model MODELS[model_name] with random weights of `seed`, and random prompts of `lens` tokens:
+    (config, params, the rng that drew the prompts, prompts)."""
+    cfg = dataclasses.replace(pyrajax.preset("tiny"), **MODELS[model_name])
+    params = pyrajax.random_params(jax.random.key(seed), cfg, scale=0.2)
+    rng = np.random.default_rng(100 + seed)
+    return cfg, params, rng, [rng.integers(0, cfg.vocab_size, n).tolist() for n in lens]
+
+
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_engine_keeps_the_reference_tokens(model_name, policy_name):
-    cfg = dataclasses.replace(pyrajax.preset("tiny"), **MODELS[model_name])
     policy = POLICIES[policy_name]
-    seed = SEED_FOR_POLICY.get((model_name, policy_name), SEEDS[model_name])
-    params = pyrajax.random_params(jax.random.key(seed), cfg, scale=0.2)
+    cfg, params, rng, prompts = model_and_prompts(model_name, SEED_FOR_POLICY.get((model_name, policy_name),
+                                                                                 SEEDS[model_name]), PROMPT_LENS)
     P = to_numpy(params)
-    rng = np.random.default_rng(100 + seed)
-    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in PROMPT_LENS]
     masks = [rng.random(n) < 0.15 for n in PROMPT_LENS] if policy_name in MASKED else [None] * len(PROMPT_LENS)
 
     # Engine: one padded batch (prompt bucket 128, generation bucket 64, as `generate` would pick).
