@@ -80,7 +80,7 @@ def test_lengths_follow_the_static_schedule(tiny, policy):
             assert (np.diff(pos) > 0).all() and pos[0] == 0 and pos[-1] == len(prompts[b]) - 1
 
 
-@pytest.mark.parametrize("policy", ["paper", TINY_REFERENCE, TINY_BUDGET])
+@pytest.mark.parametrize("policy", ["paper", TINY_BUDGET])  # the reference schedule is paper's
 def test_ragged_batch_invariance(tiny, policy):
     params, cfg = tiny
     rng = np.random.default_rng(3)
