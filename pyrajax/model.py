@@ -89,10 +89,12 @@ def lm_logits(params: Params, x: Float[Array, "B T D"], cfg: ModelConfig) -> Flo
     return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, tokens: Int[Array, "B T"], pos: Int[Array, "B T"], cfg: ModelConfig):
-    """Full-sequence logits with no cache (the reference path for perplexity and checks)."""
+def forward(params: Params, tokens: Int[Array, "B T"], pos: Int[Array, "B T"], cfg: ModelConfig,
+            between_layers=lambda x: x):
+    """Full-sequence logits with no cache (the reference path for perplexity and checks). `between_layers`
+    maps each layer's output (tensor parallelism pins it replicated there)."""
     x = embed(params, tokens)
     for lp in params.layers:
         q, k, v = qkv(lp, x, pos, cfg)
-        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
+        x = between_layers(finish_layer(lp, x, attention(q, k, v, pos, pos), cfg))
     return lm_logits(params, x, cfg)

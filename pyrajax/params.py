@@ -201,7 +201,8 @@ def _random_weight(key, shape, dtype, norm: bool, scale: float, sharding=None):
 
 
 def random_params(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32, scale: float = 0.02) -> Params:
-    """Random weights of the exact shapes of `cfg` (tests and benchmarks; created on the default device)."""
+    """Random weights of the exact shapes of `cfg` (tests and benchmarks; created on the default device;
+    `pyrajax.sharding.random_params` creates them split over a mesh)."""
     tree = random_checkpoint_tree(key, cfg, dtype, scale)
     layers = tuple(fuse_layer(tree["layers"][str(i)], cfg) for i in range(cfg.num_layers))
     return Params(embed=tree["embed"], layers=layers, final_norm=tree["final_norm"], lm_head=tree.get("lm_head"))
@@ -336,7 +337,40 @@ def save_checkpoint(params: Params, cfg: ModelConfig, dst: str | Path, *, tokeni
     return dst
 
 
-def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[Params, ModelConfig]:
+def _metadata_tree(ckptr, path: Path) -> dict:
+    """The saved arrays' metadata (shape, dtype) in the tree's structure (orbax versions differ in wrapping)."""
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
+
+
+def _sharded_target(meta: dict, cfg: ModelConfig, mesh) -> dict:
+    """The restore target: every saved array as a ShapeDtypeStruct in its shard layout (`pyrajax.sharding`),
+    in its saved dtype (`load_checkpoint` casts on device afterwards)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from pyrajax import sharding as sh
+    specs = sh.checkpoint_specs(cfg, sh.layout(cfg, sh.tp_size(mesh)))
+
+    def target(keys, m):
+        spec = specs
+        for k in keys:  # anything the layout does not name (nothing, in a checkpoint of ours) is replicated
+            spec = spec.get(getattr(k, "key", k), PartitionSpec()) if isinstance(spec, dict) else PartitionSpec()
+        spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map_with_path(target, meta)
+
+
+def _nonfinite_on_device(w) -> str | None:
+    """`nonfinite` of an array where it lies (two scalars come back, not the array)."""
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        return None
+    bad, nan = (int(x) for x in jax.jit(lambda a: (jnp.sum(~jnp.isfinite(a)), jnp.sum(jnp.isnan(a))))(w))
+    return None if bad == 0 else f"{nan} NaN and {bad - nan} infinite values"
+
+
+def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple[Params, ModelConfig]:
+    """(params, config) of a checkpoint directory; with a `mesh` (pyrajax.make_mesh) the weights are restored
+    straight into their shards (`pyrajax.sharding`), fused there, never whole on one host or device."""
     import orbax.checkpoint as ocp
 
     if not isinstance(path, (str, os.PathLike)):
@@ -350,13 +384,24 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[Params, Model
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path / 'config.json'} is not a valid pyrajax config ({e}); re-convert the checkpoint "
                          "with pyrajax-convert") from None
+    from pyrajax import sharding as sh
+    sharded = sh.tp_size(mesh) > 1
+    ckptr = ocp.StandardCheckpointer()
+    target = None
+    if sharded:  # each device reads only its own shards: no host ever holds the whole model
+        try:
+            meta = _metadata_tree(ckptr, path / "params")
+        except Exception as e:
+            raise _unreadable(path, e) from None
+        try:
+            check_tree(meta, cfg)  # a missing or misshapen weight is named before anything is read
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        target = _sharded_target(meta, cfg, mesh)
     try:
-        tree = ocp.StandardCheckpointer().restore(path / "params")
+        tree = ckptr.restore(path / "params", target) if sharded else ckptr.restore(path / "params")
     except Exception as e:  # a missing or damaged array file, a torn OCDBT manifest
-        detail = str(e).split(" [tensorstore_spec=")[0].strip().splitlines()
-        raise ValueError(f"cannot read the weights in {path / 'params'} ({type(e).__name__}: "
-                         f"{detail[0] if detail else ''}); the checkpoint is incomplete or damaged, re-convert it "
-                         "with pyrajax-convert") from None
+        raise _unreadable(path, e) from None
     try:
         named = check_tree(tree, cfg)
     except ValueError as e:
@@ -364,8 +409,25 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[Params, Model
     # Refused rather than warned about: one NaN weight turns every logit NaN, and greedy decoding then emits
     # token 0 forever without any other sign of trouble.
     for name, w in named:
-        bad = nonfinite(w)
+        bad = _nonfinite_on_device(w) if sharded else nonfinite(w)
         if bad:
             raise ValueError(f"weight {name} in {path} holds {bad}; the checkpoint is damaged, re-convert it "
                              "from a good source")
-    return from_tree(cast(tree, dtype), cfg), cfg
+    if not sharded:
+        return from_tree(cast(tree, dtype), cfg), cfg
+    to_dtype = jax.jit(lambda a: a.astype(dtype))  # on device, in the array's own sharding
+
+    def converted(w):
+        if w.dtype == jnp.dtype(dtype):
+            return w
+        out = to_dtype(w)
+        w.delete()
+        return out
+    return sh.fuse_sharded(jax.tree.map(converted, tree), cfg, mesh), cfg
+
+
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    detail = str(e).split(" [tensorstore_spec=")[0].strip().splitlines()
+    return ValueError(f"cannot read the weights in {path / 'params'} ({type(e).__name__}: "
+                      f"{detail[0] if detail else ''}); the checkpoint is incomplete or damaged, re-convert it "
+                      "with pyrajax-convert")
