@@ -167,7 +167,8 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         win_pos = win_rows = accumulated = None
         if windowed:
             q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
-        q, k, v = (shd.by_heads(a, 2, mesh) for a in qkv(lp, x, pos, cfg))
+        q, k, v = qkv(lp, x, pos, cfg)
+        k, v = shd.by_heads(k, 2, mesh), shd.by_heads(v, 2, mesh)  # the cache's layout (q follows the weights)
         if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
             accumulated = _accumulated_scores(q, k, pos, impl, mesh=mesh)
         x = shd.replicated(finish_layer(lp, x, attention(q, k, v, pos, pos), cfg), mesh)
@@ -309,7 +310,8 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     layers = []
     for l, lp in enumerate(params.layers):
         lc = evicted[l]
-        q, k, v = (shd.by_heads(a, 2, mesh) for a in qkv(lp, x, p[:, None], cfg))
+        q, k, v = qkv(lp, x, p[:, None], cfg)
+        k, v = shd.by_heads(k, 2, mesh), shd.by_heads(v, 2, mesh)
         # The first empty slot. Capacities guarantee one; were there none, the write is dropped (slot index out
         # of range) rather than landing on slot 0, a sink.
         slot = jnp.argmax(lc.pos < 0, axis=1)

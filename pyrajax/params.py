@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import secrets
 import shutil
@@ -97,6 +98,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "wv": (D, cfg.num_kv_heads * hd), "wo": (cfg.num_heads * hd, D), "mlp_norm": (D,),
         "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
     }
+
+
+def checkpoint_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Bytes of the model's weights (the checkpoint's; copies made for tensor parallelism not counted)."""
+    shapes = expected_shapes(cfg)
+    names = ["embed", "final_norm"] + ([] if cfg.tie_embeddings else ["lm_head"])
+    count = sum(math.prod(shapes[n]) for n in names) + cfg.num_layers * sum(math.prod(shapes[f]) for f in LAYER_FIELDS)
+    return count * itemsize
 
 
 def fused_shapes(cfg: ModelConfig, kv_copies: int = 1) -> dict[str, tuple[int, ...]]:

@@ -107,13 +107,15 @@ else:
             assert got.sharding.mesh.shape["tp"] == tp
             assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max(), tp
 
+    # Compiling is nearly all of the time here, so the 8-KV-head model (split over heads at every TP: 4 heads a
+    # device at TP 2, one at TP 8) skips TP 4; the 2-KV-head model runs all three (split, 2 and 4 copies).
     @pytest.mark.parametrize("cache", POLICIES)
-    @pytest.mark.parametrize("kv_heads", [2, 8])
-    def test_greedy_tokens_equal_single_device(kv_heads, cache):
+    @pytest.mark.parametrize("kv_heads,tps", [(2, (2, 4, 8)), (8, (2, 8))])
+    def test_greedy_tokens_equal_single_device(kv_heads, tps, cache):
         params, cfg = model(kv_heads)
         want = run(params, cfg, cache)
         assert want.stats["tp"] == 1 and want.stats["compressed"] == (cache != "full")
-        for tp in (2, 4, 8):
+        for tp in tps:
             got = run(pyrajax.shard(params, cfg, pyrajax.make_mesh(tp=tp)), cfg, cache)
             assert got.tokens == want.tokens, (tp, cache)
             # the same selections and evictions on every device: the same cache lengths, layer by layer
@@ -142,17 +144,16 @@ else:
         assert dict(TRACE_COUNTS) == before and all(len(t) == 7 for t in again.tokens)
 
     def test_pallas_kernels_run_inside_shard_map():
-        # interpret-mode Pallas on CPU: the kernels that GPUs run, per device on its heads
+        # interpret-mode Pallas on CPU: the kernels that GPUs run, per device on its heads (TP 4: 2 KV heads
+        # copied twice, each device one head and 2 of its 4 query heads)
         params, cfg = model(2)
         prompts = PROMPTS[1:]
-        cache = "budget-0.45:min_tokens=0"  # window rows in prefill and decode, the kept-KV gather, eviction
+        cache = "pyramid-0.45:min_tokens=0"  # all four kernels: window rows, accumulated scores, both gathers
         want = run(params, cfg, cache, impl="pallas", prompts=prompts, new=8)
         assert want.stats["compressed"]
-        assert run(params, cfg, cache, impl="xla", prompts=prompts, new=8).tokens == want.tokens
-        for tp in (2, 4):
-            got = run(pyrajax.shard(params, cfg, pyrajax.make_mesh(tp=tp)), cfg, cache, impl="pallas",
-                      prompts=prompts, new=8)
-            assert got.tokens == want.tokens and got.stats["lengths_at_end"] == want.stats["lengths_at_end"], tp
+        got = run(pyrajax.shard(params, cfg, pyrajax.make_mesh(tp=4)), cfg, cache, impl="pallas", prompts=prompts,
+                  new=8)
+        assert got.tokens == want.tokens and got.stats["lengths_at_end"] == want.stats["lengths_at_end"]
 
     def test_unsharded_checkpoint_restores_into_shards(tmp_path):
         params, cfg = model(2)
