@@ -40,7 +40,8 @@ OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemoryError|CUDA_ERROR_
                  r"failed to allocate|ran out of memory", re.I)
 KEEP = ("tokens_per_second", "wall_seconds", "prefill_seconds", "decode_ms_per_step", "compile_seconds", "kv_bytes",
         "full_kv_bytes", "kv_fraction", "live_kv_bytes_at_end", "peak_memory_bytes", "fraction_of_roofline",
-        "roofline", "capacity_per_layer", "lengths_after_prefill", "lengths_at_end", "impl")
+        "roofline", "capacity_per_layer", "lengths_after_prefill", "lengths_at_end", "impl", "tp",
+        "kv_bytes_per_device", "peak_memory_bytes_per_device")
 
 
 def child(cmd: list[str], out: Path, timeout: float, env: dict) -> dict:
