@@ -1,5 +1,5 @@
-"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile,longrun,serve,ceilings} [ARGS...]: one entry
-point for the benchmarks.
+"""python -m bench {throughput,sweep,peer,plots,kernels,parity,profile,longrun,serve,ceilings,tp_plan} [ARGS...]:
+one entry point for the benchmarks.
 
     python -m bench sweep --model llama2-7b --cache full paper budget-0.45
     python -m bench peer --model llama2-7b --mode static-compile
@@ -7,6 +7,7 @@ point for the benchmarks.
     python -m bench profile --model llama2-7b --runs full:1 budget-0.45:1 full:32 budget-0.45:32
     python -m bench longrun --calls 1000
     python -m bench serve --model llama2-7b --cache full budget-0.45 --slots 32 --rates 1 2 4 8 16
+    python -m bench tp_plan --model llama2-70b --tp 2 4 8
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 COMMANDS = {"throughput": "bench.throughput", "sweep": "bench.sweep", "peer": "bench.hf_peer",
             "plots": "bench.plots", "kernels": "bench.kernels", "parity": "bench.parity",
             "profile": "bench.profile", "longrun": "bench.longrun", "serve": "bench.serve",
-            "ceilings": "bench.ceilings"}
+            "ceilings": "bench.ceilings", "tp_plan": "bench.tp_plan"}
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,8 @@ OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemoryError|CUDA_ERROR_
                  r"failed to allocate|ran out of memory", re.I)
 KEEP = ("tokens_per_second", "wall_seconds", "prefill_seconds", "decode_ms_per_step", "compile_seconds", "kv_bytes",
         "full_kv_bytes", "kv_fraction", "live_kv_bytes_at_end", "peak_memory_bytes", "fraction_of_roofline",
-        "roofline", "capacity_per_layer", "lengths_after_prefill", "lengths_at_end", "impl")
+        "roofline", "capacity_per_layer", "lengths_after_prefill", "lengths_at_end", "impl", "tp",
+        "kv_bytes_per_device", "peak_memory_bytes_per_device")
 
 
 def child(cmd: list[str], out: Path, timeout: float, env: dict) -> dict:
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=cli_int(2), default=256)
     ap.add_argument("--cache", nargs="*", type=cli_cache, default=["full", "paper", "budget-0.45"])
     ap.add_argument("--impl", choices=IMPLS, default="auto")
+    ap.add_argument("--tp", type=cli_int(1), default=1, help="tensor-parallel devices of each throughput run")
     ap.add_argument("--batches", nargs="+", type=cli_int(1), default=[1, 8, 32, 64, 128, 256, 512, 1024])
     ap.add_argument("--bisect", type=cli_int(0), default=2, help="batches tried between the last fit and the first OOM")
     ap.add_argument("--repeat", type=cli_int(1), default=1, help="timed calls per throughput run")
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     start = time.monotonic()
     peers_wanted = [] if args.no_peers else args.peers
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ROOT / "bench" / "results") / \
-        f"sweep-{args.model}-p{args.prompt}-n{args.new}.json"
+        f"sweep-{args.model}-p{args.prompt}-n{args.new}{f'-tp{args.tp}' if args.tp > 1 else ''}.json"
     env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), CHILD_ENV.get("PYTHONPATH")])))
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", args.mem_fraction)
 
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
         f = tmp / f"{policy}-{batch}.json"
         cmd = [sys.executable, "-m", "bench.throughput", "--model", args.model, "--batch", str(batch), "--prompt",
                str(args.prompt), "--new", str(args.new), "--cache", policy, "--impl", args.impl, "--repeat",
-               str(args.repeat), "--out", str(f)]
+               str(args.repeat), "--tp", str(args.tp), "--out", str(f)]
         r = child(cmd, f, limit, env)
         if r["status"] == "timeout" and limit < args.timeout:
             r["status"], state["stopped"] = "deadline", f"deadline: {args.deadline:.0f} s reached"

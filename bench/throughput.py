@@ -9,6 +9,11 @@ wall time including prefill. The roofline of a decode step reads every weight an
 the device's copy bandwidth; prefill runs at its bf16 matmul rate. Both are measured when the run starts
 (`bench.ceilings`, a few seconds) and recorded in the JSON: no device's numbers are assumed.
 
+`--tp N` splits the model over N devices (`pyrajax.sharding`; the weights are created in their shards): the JSON
+then records per-device bytes of weights and KV and each device's peak, and the roofline is one device's share
+(its weights, its KV, its prefill FLOPs) at that device's ceilings; the all-reduces are not in it. On CPU, fake
+devices: XLA_FLAGS=--xla_force_host_platform_device_count=N.
+
 Peak memory (`peak_bytes_in_use` of device.memory_stats(); None where the backend keeps no stats, e.g. CPU)
 is a process-lifetime high-water mark that cannot be reset. So when more than one (cache, impl) run is asked
 for, each runs in a fresh subprocess of this script (same workload arguments, a single --cache and --impl, its
@@ -36,7 +41,9 @@ import numpy as np
 
 import pyrajax
 from bench import ceilings as device_ceilings
+from pyrajax import sharding
 from pyrajax.generate import GenerationConfig, generate
+from pyrajax.params import checkpoint_bytes
 from pyrajax.validate import IMPLS, cli_cache, cli_int
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,18 +58,23 @@ def env_info() -> dict:
                 jaxlib=jaxlib.__version__, commit=commit)
 
 
-def peak_memory() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
+def peak_memory(device=None) -> int | None:
+    stats = (device or jax.devices()[0]).memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
-def roofline(cfg, params_bytes: int, batch: int, prompt: int, new: int, stats: dict, ceilings: dict) -> dict:
+def roofline(cfg, params_bytes: int, batch: int, prompt: int, new: int, stats: dict, ceilings: dict,
+             tp: int = 1, params_bytes_per_device: int | None = None) -> dict:
     """Ideal seconds: prefill matmul FLOPs at the measured matmul rate + decode steps reading weights and the
     mean live KV (the average of the lengths after prefill and at the end, per layer) at the measured copy
-    bandwidth (`ceilings`, from `bench.ceilings.measure`)."""
+    bandwidth (`ceilings`, from `bench.ceilings.measure`). With tp > 1: one device's share (its weights, its
+    KV, 1/tp of the FLOPs) at one device's ceilings, all devices in parallel, communication not counted."""
     n_params = params_bytes / 2
-    prefill_flops = 2 * n_params * batch * prompt
+    prefill_flops = 2 * n_params * batch * prompt / tp
     per_token = cfg.kv_bytes_per_token_layer(2)
+    if tp > 1:  # one device's share of the KV: its heads
+        per_token *= stats["kv_bytes_per_device"] / stats["kv_bytes"]
+    params_bytes = params_bytes if params_bytes_per_device is None else params_bytes_per_device
     kv_start = sum(sum(l) for l in stats["lengths_after_prefill"]) * per_token
     kv_end = sum(sum(l) for l in stats["lengths_at_end"]) * per_token
     decode_s = (new - 1) * (params_bytes + (kv_start + kv_end) / 2) / ceilings["copy_bytes_per_second"]
@@ -90,6 +102,8 @@ def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: in
                     x.stats["prefill_seconds"] for _, x in runs),
                 decode_ms_per_step=1e3 * statistics.median(x.stats["decode_seconds"] for _, x in runs) / (new - 1),
                 kv_bytes=s["kv_bytes"], full_kv_bytes=s["full_kv_bytes"], kv_fraction=s["kv_fraction"],
+                tp=s["tp"], kv_bytes_per_device=s["kv_bytes_per_device"],
+                peak_memory_bytes_per_device=[peak_memory(d) for d in devices(params)],
                 live_kv_bytes_at_end=s["live_kv_bytes"], capacity_per_layer=s["capacity_per_layer"],
                 lengths_after_prefill=s["lengths_after_prefill"][0], lengths_at_end=s["lengths_at_end"][0],
                 peak_memory_bytes=peak_memory(), pid=os.getpid(), first_tokens=r.tokens[0][:8], _stats=s)
@@ -103,12 +117,20 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new", type=cli_int(2), default=256, help="new tokens (>= 2: decode steps are timed)")
 
 
+def devices(params) -> list:
+    mesh = sharding.mesh_of(params)
+    return list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+
+
 def run_in_process(args) -> dict:
     """Every (cache, impl) run of `args` in this process: the result JSON (env, workload, runs)."""
     cfg = pyrajax.preset(args.model)
-    # Created array by array on the device: one jitted program for all weights compiles for minutes.
-    params = pyrajax.random_params(jax.random.key(0), cfg, jnp.bfloat16)
-    params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    mesh = pyrajax.make_mesh(tp=args.tp) if args.tp > 1 else None
+    # Created array by array on the devices (in their shards): one jitted program for all weights compiles for
+    # minutes, and with --tp no device ever holds the whole model.
+    params = sharding.random_params(jax.random.key(0), cfg, mesh, jnp.bfloat16)
+    params_bytes = checkpoint_bytes(cfg, 2)  # the model's own (KV heads copied for tensor parallelism once)
+    params_bytes_per_device = sharding.bytes_per_device(params)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
     ceilings = device_ceilings.measure()
@@ -117,7 +139,7 @@ def run_in_process(args) -> dict:
         for impl in args.impl:
             row = run_policy(params, cfg, prompts, args.new, cache, impl, args.repeat)
             row["roofline"] = roofline(cfg, params_bytes, args.batch, args.prompt, args.new, row.pop("_stats"),
-                                       ceilings)
+                                       ceilings, args.tp, params_bytes_per_device if args.tp > 1 else None)
             row["ceilings"] = ceilings
             row["fraction_of_roofline"] = row["tokens_per_second"] / row["roofline"]["tokens_per_second"]
             rows.append(row)
@@ -125,7 +147,8 @@ def run_in_process(args) -> dict:
     env = env_info()
     env["commit"] = args.commit or env["commit"]
     return dict(env, benchmark="throughput", model=args.model, batch=args.batch, prompt=args.prompt,
-                new=args.new, params_bytes=params_bytes, ceilings=ceilings, runs=rows)
+                new=args.new, tp=args.tp, params_bytes=params_bytes, params_bytes_per_device=params_bytes_per_device,
+                ceilings=ceilings, runs=rows)
 
 
 def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
@@ -138,7 +161,7 @@ def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
             out = Path(tmp) / f"run{i}.json"
             cmd = [sys.executable, "-m", "bench.throughput", "--model", args.model, "--batch", str(args.batch),
                    "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat),
-                   "--cache", cache, "--impl", impl, "--out", str(out)]
+                   "--cache", cache, "--impl", impl, "--tp", str(args.tp), "--out", str(out)]
             if args.commit:
                 cmd += ["--commit", args.commit]
             subprocess.run(cmd, check=True, cwd=REPO)
@@ -154,13 +177,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", nargs="+", type=cli_cache, default=["full", "paper", "budget-0.45"])
     ap.add_argument("--impl", nargs="+", choices=IMPLS, default=["auto"])
     ap.add_argument("--repeat", type=cli_int(1), default=2)
+    ap.add_argument("--tp", type=cli_int(1), default=1, help="tensor-parallel devices (the model split over them)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
     ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
     args = ap.parse_args(argv)
     runs = list(itertools.product(args.cache, args.impl))
     result = run_in_process(args) if len(runs) == 1 else run_in_subprocesses(args, runs)
+    tp = f"-tp{args.tp}" if args.tp > 1 else ""
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or Path(__file__).parent / "results") / \
-        f"throughput-{args.model}-b{args.batch}-{result['device'].replace(' ', '_')}.json"
+        f"throughput-{args.model}-b{args.batch}{tp}-{result['device'].replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{'cache':>12} {'impl':>6} {'tok/s':>8} {'prefill s':>9} {'ms/step':>8} {'KV GiB':>7} {'KV %':>6} "

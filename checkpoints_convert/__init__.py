@@ -16,7 +16,7 @@ import numpy as np
 
 from pyrajax.config import ModelConfig
 from pyrajax import validate
-from pyrajax.params import LAYER_FIELDS, LayerParams, Params, expected_shapes, nonfinite, save_checkpoint
+from pyrajax.params import LAYER_FIELDS, Params, expected_shapes, fuse_layer, nonfinite, save_checkpoint
 
 DTYPES = validate.DTYPES
 SUPPORTED = ("an HF LLaMA directory (config.json + model*.safetensors or pytorch_model*.bin), "
@@ -124,7 +124,7 @@ def build_params(src: Source, dtype, progress: bool = True) -> Params:
     if tied_lm_head and not np.array_equal(_read(src, lm_name).astype(dtype), out[("embed", None)]):
         raise ConversionError(f"the config ties the embeddings but {src.description} has a different "
                               f"{lm_name!r}; fix tie_word_embeddings in the config")
-    layers = tuple(LayerParams(**{f: out[(f, i)] for f in LAYER_FIELDS}) for i in range(cfg.num_layers))
+    layers = tuple(fuse_layer({f: out[(f, i)] for f in LAYER_FIELDS}, cfg) for i in range(cfg.num_layers))
     return Params(embed=out[("embed", None)], layers=layers, final_norm=out[("final_norm", None)],
                   lm_head=out.get(("lm_head", None)))
 

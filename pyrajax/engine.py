@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pyrajax import cache as kvc
+from pyrajax import sharding as shd
 from pyrajax.cache import CachePlan, PyramidConfig
 from pyrajax.config import ModelConfig
 from pyrajax.generate import (DecodeState, Requests, _widen_ring, bucket, decode_program, insert_program, prefill,
@@ -180,13 +181,18 @@ class Engine:
                  max_prefill_batch: int | None = None, prefill_tokens: int | None = None,
                  max_waiting: int | None = None, impl: str = "auto"):
         self.params, self.cfg, self.plan, self.impl = params, cfg, plan, impl
+        self.mesh = shd.mesh_of(params)  # tensor parallelism: the programs run over the params' mesh
         self.prefill_plans = dict(prefill_plans)
         self.slots, self.steps, self.forced, self.stop_width = slots, steps, forced, stop_width
         self.max_prefill_batch = max_prefill_batch or slots
         self.prefill_tokens, self.max_waiting = prefill_tokens, max_waiting
         S_b = min(self.prefill_plans)
-        self.state = empty_state(params, cfg, plan, self.prefill_plans[S_b], S_b, slots, forced, stop_width, impl)
-        self.kv_bytes_per_layer = kvc.kv_bytes(self.state.cache)
+        self.state = empty_state(params, cfg, plan, self.prefill_plans[S_b], S_b, slots, forced, stop_width, impl,
+                                 self.mesh)
+        # The model's own KV bytes (KV heads copied for tensor parallelism counted once), and one device's share.
+        copies = params.layers[0].kv_copies if params.layers else 1
+        self.kv_bytes_per_layer = [b // copies for b in kvc.kv_bytes(self.state.cache)]
+        self.kv_bytes_per_device = shd.bytes_per_device([(lc.k, lc.v) for lc in self.state.cache.layers])
         self.kv_bytes_per_token = cfg.kv_bytes_per_token_layer(jnp.dtype(params.embed.dtype).itemsize)
         self.owner: list[Stream | None] = [None] * slots
         self.waiting: collections.deque[Stream] = collections.deque()
@@ -284,7 +290,7 @@ class Engine:
             owners = list(self.owner)
             self.state, out, lengths = decode_program(
                 self.params, self.state, self._cancel_mask, np.bool_(bool(self.waiting)), plan=self.plan,
-                cfg=self.cfg, impl=self.impl, steps=self.steps)
+                cfg=self.cfg, impl=self.impl, steps=self.steps, mesh=self.mesh)
             dispatched = (out, lengths, owners)
             self._cancel_mask = np.zeros(self.slots, bool)
         for i, o in enumerate(self.owner):  # cancelled slots were ended by this chunk: free for the next round
@@ -346,7 +352,8 @@ class Engine:
                 stream = self.prepare(Request(ids=ids, max_new=1))
                 self._prefill_insert(S_b, [stream] * P, dropped=True)
         self.state, out, _ = decode_program(self.params, self.state, np.zeros(self.slots, bool), np.bool_(False),
-                                            plan=self.plan, cfg=self.cfg, impl=self.impl, steps=self.steps)
+                                            plan=self.plan, cfg=self.cfg, impl=self.impl, steps=self.steps,
+                                            mesh=self.mesh)
         jax.block_until_ready(out)
 
     def _prefill_insert(self, S_b: int, rows: list[Stream], dropped: bool = False):
@@ -359,8 +366,8 @@ class Engine:
         req = request_rows([s.request for s in filled], self.stop_width, self.forced)
         slot = np.array([self.slots if dropped else s.slot for s in rows] + [self.slots] * (P - len(rows)), np.int32)
         first, cache, lengths = prefill_program(self.params, tokens, seq, req, plan=self.prefill_plans[S_b],
-                                                cfg=self.cfg, impl=self.impl, window=self.plan.window)
-        self.state = insert_program(self.state, cache, req, first, slot)
+                                                cfg=self.cfg, impl=self.impl, window=self.plan.window, mesh=self.mesh)
+        self.state = insert_program(self.state, cache, req, first, slot, mesh=self.mesh)
         return first, lengths
 
     def _read_chunk(self, out, lengths, owners):
@@ -409,7 +416,7 @@ class Engine:
         self._cancel_mask[:] = False
         S_b = min(self.prefill_plans)
         self.state = empty_state(self.params, self.cfg, self.plan, self.prefill_plans[S_b], S_b, self.slots,
-                                 self.forced, self.stop_width, self.impl)
+                                 self.forced, self.stop_width, self.impl, self.mesh)
 
     # ------------------------------------------------------------------------------------------- stats
     def metrics(self) -> dict:
@@ -430,8 +437,9 @@ def _state_shapes(shapes, cfg, plan, prefill_plan, S_b, slots, impl):
 
 
 def empty_state(params: Params, cfg: ModelConfig, plan: CachePlan, prefill_plan: CachePlan, S_b: int,
-                slots: int, forced: int, stop_width: int, impl: str) -> DecodeState:
-    """A decode state of `slots` free slots: the cache pytree that prefill makes (traced, never run), empty."""
+                slots: int, forced: int, stop_width: int, impl: str, mesh=None) -> DecodeState:
+    """A decode state of `slots` free slots: the cache pytree that prefill makes (traced, never run), empty;
+    on the params' `mesh` in the programs' layout (`pyrajax.sharding.state_specs`)."""
     leaves, tree = jax.tree.flatten(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     shapes = _state_shapes((tree, tuple(leaves)), cfg, plan, prefill_plan, S_b, slots, impl)
 
@@ -440,10 +448,13 @@ def empty_state(params: Params, cfg: ModelConfig, plan: CachePlan, prefill_plan:
         value = -1 if name in ("pos", "row_pos") else 1 if name == "window" else 0
         return jnp.full(s.shape, value, s.dtype)
 
-    cache = jax.tree_util.tree_map_with_path(fill, shapes)
-    z = lambda dtype, *shape: jnp.zeros((slots,) + shape, dtype)  # noqa: E731
-    req = Requests(seed=z(jnp.uint32), temperature=z(jnp.float32), top_k=z(jnp.int32), top_p=jnp.ones(slots),
-                   max_new=z(jnp.int32), stop=jnp.full((slots, stop_width), -1, jnp.int32),
-                   forced=z(jnp.int32, forced), n_forced=z(jnp.int32))
-    return DecodeState(cache=cache, req=req, token=z(jnp.int32), count=z(jnp.int32), fed=z(jnp.int32),
-                       done=jnp.ones(slots, bool))
+    def make():
+        cache = jax.tree_util.tree_map_with_path(fill, shapes)
+        z = lambda dtype, *shape: jnp.zeros((slots,) + shape, dtype)  # noqa: E731
+        req = Requests(seed=z(jnp.uint32), temperature=z(jnp.float32), top_k=z(jnp.int32), top_p=jnp.ones(slots),
+                       max_new=z(jnp.int32), stop=jnp.full((slots, stop_width), -1, jnp.int32),
+                       forced=z(jnp.int32, forced), n_forced=z(jnp.int32))
+        return DecodeState(cache=cache, req=req, token=z(jnp.int32), count=z(jnp.int32), fed=z(jnp.int32),
+                           done=jnp.ones(slots, bool))
+
+    return shd.create_state(make, mesh)

@@ -58,6 +58,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pyrajax import cache as kvc
+from pyrajax import sharding
 from pyrajax.cache import PyramidConfig
 from pyrajax.config import ModelConfig
 from pyrajax.generate import GenerationConfig, bucket, extend, generate, get_tokenizer, prefill
@@ -77,9 +78,9 @@ def as_policy(policy: str | PyramidConfig) -> PyramidConfig:
 # ---------------------------------------------------------------------------------------------------------
 # Perplexity
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"))
-def _prefill_cache(params, tokens, seq, *, plan, cfg, impl):
-    return prefill(params, tokens, seq, plan, cfg, impl)[1]
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "mesh"))
+def _prefill_cache(params, tokens, seq, *, plan, cfg, impl, mesh=None):
+    return prefill(params, tokens, seq, plan, cfg, impl, mesh)[1]
 
 
 def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation: int = 256,
@@ -111,8 +112,9 @@ def perplexity(params, cfg, token_ids, policy, context: int = 512, continuation:
         batch = np.concatenate([batch, np.repeat(batch[:1], B - n, axis=0)])  # filler rows, dropped
         tokens = np.full((B, S), cfg.pad_id, np.int32)
         tokens[:, :prompt] = batch[:, :prompt]
-        cache = _prefill_cache(params, tokens, seq, plan=plan, cfg=cfg, impl=impl)
-        per_layer = kvc.kv_bytes(cache)  # before the cache is donated
+        cache = _prefill_cache(params, tokens, seq, plan=plan, cfg=cfg, impl=impl, mesh=sharding.mesh_of(params))
+        # before the cache is donated; KV heads copied for tensor parallelism counted once
+        per_layer = [b // params.layers[0].kv_copies for b in kvc.kv_bytes(cache)]
         itemsize = cache.layers[0].k.dtype.itemsize
         _, nll, cache = extend(params, cache, batch[:, prompt:-1], plan, cfg, impl, targets=batch[:, context:])
         nlls.append(np.asarray(nll)[:n])
@@ -528,6 +530,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--impl", choices=["auto", "pallas", "xla"], default="auto")
+    ap.add_argument("--tp", type=cli_int(1), default=1, help="tensor-parallel devices (the weights split over them)")
     ap.add_argument("--seed", type=cli_int(0), default=0)
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/eval-<model>.json); "
                                              "the plot goes beside it as .png")
@@ -547,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.checkpoint or default_model_dir())
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
-    params, cfg = pyrajax.load(path, dtype=dtype)
+    params, cfg = pyrajax.load(path, dtype=dtype, mesh=pyrajax.make_mesh(tp=args.tp) if args.tp > 1 else None)
     tok = get_tokenizer(cfg)
     if tok is None:
         print(f"pyrajax eval: error: {path} has no tokenizer", file=sys.stderr)
@@ -825,6 +828,7 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--impl", choices=["auto", "pallas", "xla"], default="auto")
+    ap.add_argument("--tp", type=cli_int(1), default=1, help="tensor-parallel devices (the weights split over them)")
     ap.add_argument("--seed", type=cli_int(0), default=0, help="RULER and needle prompts")
     ap.add_argument("--out", type=Path, help="JSON (default: bench/results/quality-<model>[-smoke].json); the PNGs "
                                              "go beside it as <stem>-<task>.png")
@@ -968,7 +972,7 @@ def grid_main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (args.workers + 1):.3f}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
-    params, cfg = pyrajax.load(path, dtype=dtype)
+    params, cfg = pyrajax.load(path, dtype=dtype, mesh=pyrajax.make_mesh(tp=args.tp) if args.tp > 1 else None)
     if args.layers:  # the first layers alone: a small model with the real embeddings and tokenizer
         params = dataclasses.replace(params, layers=params.layers[:args.layers])
         cfg = dataclasses.replace(cfg, num_layers=len(params.layers))

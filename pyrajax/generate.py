@@ -26,10 +26,8 @@ try:
 except ImportError:  # older layouts of jax.extend
     from jax._src.prng import threefry2x32_p
 
-from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.gather import pivotal_gather
-from pallas_kernels.score_reduction import score_reduction, window_rows
 from pyrajax import cache as kvc
+from pyrajax import sharding as shd
 from pyrajax import validate
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
@@ -119,21 +117,22 @@ def _window_queries(lp, x, pos, length, W: int, cfg: ModelConfig):
     return queries(lp, jnp.take_along_axis(x, safe[:, :, None], axis=1), win_pos, cfg), win_pos
 
 
-def _accumulated_scores(q, k, pos, impl: str, per_head: bool = False, chunk: int = 512):
+def _accumulated_scores(q, k, pos, impl: str, per_head: bool = False, chunk: int = 512, mesh=None):
     """H2O's prefill scores: each key's attention summed over every prompt query: head-averaged [B, n], or per
     KV head its group's max [B, K, n]. Queries go through the score-reduction kernel (per head: the window-rows
     kernel) in chunks, so no [B, H, n, n] is ever materialised whole."""
     total = 0.0
     if per_head:
         for i in range(0, q.shape[1], chunk):
-            rows = window_rows(q[:, i:i + chunk], k, pos[:, i:i + chunk], pos, per_head=True, impl=impl)
+            rows = shd.window_rows(q[:, i:i + chunk], k, pos[:, i:i + chunk], pos, impl=impl, mesh=mesh,
+                                   per_head=True)
             total = total + jnp.sum(rows, axis=2)
         return total
     k_heads = k.swapaxes(1, 2)
     for i in range(0, q.shape[1], chunk):
         q_pos = pos[:, i:i + chunk]
-        total = total + score_reduction(q[:, i:i + chunk].swapaxes(1, 2), k_heads, q_pos, pos,
-                                        (q_pos >= 0).astype(jnp.float32), impl=impl)
+        total = total + shd.score_reduction(q[:, i:i + chunk].swapaxes(1, 2), k_heads, q_pos, pos,
+                                            (q_pos >= 0).astype(jnp.float32), impl=impl, mesh=mesh)
     return total
 
 
@@ -171,20 +170,23 @@ def _gather_heads(idx, k, v, impl: str):
     B, n, K, hd = k.shape
     m = idx.shape[-1]
     kv = jnp.concatenate([k, v], axis=-1).swapaxes(1, 2).reshape(B * K, n, 2 * hd)
-    rows = pivotal_gather(idx.reshape(B * K, m), kv, jnp.zeros((B * K, n), jnp.int32), impl=impl)[0]
+    rows = shd.gather_hidden(idx.reshape(B * K, m), kv, jnp.zeros((B * K, n), jnp.int32), impl=impl, mesh=None)
     return jnp.split(rows.reshape(B, K, m, 2 * hd).swapaxes(1, 2), 2, axis=-1)
 
 
 def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cfg: ModelConfig,
-            impl: str = "auto"):
+            impl: str = "auto", mesh=None):
     """Run the prompt through every layer, selecting per the plan: with `prune_hidden` the unselected tokens
     stop after the layer (PyramidInfer), otherwise every token goes on and only the layer's cache is cut.
     With `per_head`, each KV head selects its own cache from the tokens that reached the layer; the tokens
     that go deeper are chosen by the max over the heads' scores. Returns (logits of each sequence's last
-    prompt token [B, V], the filled KVCache)."""
+    prompt token [B, V], the filled KVCache). `mesh`: the params' tensor-parallel mesh (`pyrajax.sharding`;
+    None on one device)."""
     B, S = tokens.shape
     policy, W, L = plan.policy, plan.window, plan.num_layers
     per_head = policy.per_head
+    if per_head and shd.tp_size(mesh) > 1:
+        raise ValueError("per_head cache selection does not run tensor-parallel yet: use tp=1 or per_head=false")
     pos = jnp.where(jnp.arange(S)[None, :] < seq.prompt_len[:, None], jnp.arange(S)[None, :], -1).astype(jnp.int32)
     x = embed(params, tokens)
     # Ring slot of each window row: query position mod W, so decoding can keep overwriting the oldest row.
@@ -202,11 +204,12 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         if windowed:
             q_win, win_pos = _window_queries(lp, x, pos, length, W, cfg)
         q, k, v = qkv(lp, x, pos, cfg)
+        k, v = shd.by_heads(k, 2, mesh), shd.by_heads(v, 2, mesh)  # the cache's layout (q follows the weights)
         if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
-            accumulated = _accumulated_scores(q, k, pos, impl, per_head)
-        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
+            accumulated = _accumulated_scores(q, k, pos, impl, per_head, mesh=mesh)
+        x = shd.replicated(finish_layer(lp, x, attention(q, k, v, pos, pos), cfg), mesh)
         if windowed:  # [B, W, n] (per head [B, K, W, n]), never [B, H, W, n]
-            win_rows = window_rows(q_win, k, win_pos, pos, per_head=per_head, impl=impl)
+            win_rows = shd.window_rows(q_win, k, win_pos, pos, impl=impl, mesh=mesh, per_head=per_head)
             if row_pos is None:
                 in_window = win_pos >= (seq.prompt_len - seq.window)[:, None]
                 row_pos = jnp.take_along_axis(jnp.where(in_window, win_pos, -1), ring_src, axis=1)
@@ -227,8 +230,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
                 k, v = _gather_heads(idx, k, v, impl)
             else:
                 idx, cache_pos = kvc.select_pivotal(scores, pos, seq, seq.keep[:, l], policy.num_sinks, min(C, n))
-                kv = pivotal_gather(idx, jnp.concatenate([k, v], axis=2).reshape(B, n, -1), pos, impl=impl)[0]
-                k, v = jnp.split(kv.reshape(B, -1, 2 * k.shape[2], k.shape[3]), 2, axis=2)
+                k, v = shd.gather_kv(idx, k, v, pos, impl=impl, mesh=mesh)
             kept = cache_pos >= 0
             if rows is not None:
                 rows = jnp.where(kept[..., None, :], jnp.take_along_axis(rows, idx[..., None, :], axis=-1), 0.0)
@@ -248,12 +250,12 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
             shared = jnp.max(scores, axis=1) if per_head else scores
             idx, pos = kvc.select_pivotal(shared, pos, seq, seq.enter[:, l + 1], policy.num_sinks,
                                           plan.prefill[l + 1])
-            x = pivotal_gather(idx, x, pos, impl=impl)[0]
+            x = shd.gather_hidden(idx, x, pos, impl=impl, mesh=mesh)
     last = jnp.sum(pos >= 0, axis=1) - 1
     logits = lm_logits(params, jnp.take_along_axis(x, last[:, None, None], axis=1), cfg)[:, 0]
     cache = KVCache(layers=tuple(layers), seq=seq, next_pos=seq.prompt_len.astype(jnp.int32), row_pos=row_pos,
                     compressed_upto=seq.prompt_len.astype(jnp.int32))
-    return logits, cache
+    return shd.replicated(logits, mesh), shd.constrain_state(cache, mesh)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,9 +364,9 @@ def _on_rows(run, cache: KVCache, todo: list[int], p, trigger, group: int, keep_
 
 
 def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePlan, cfg: ModelConfig,
-                impl: str = "auto", live: jax.Array | None = None):
+                impl: str = "auto", live: jax.Array | None = None, mesh=None):
     """One new token per sequence through every layer: (logits [B, V], updated cache). Rows where `live` is
-    False (finished sequences) are computed but leave their cache exactly as it was."""
+    False (finished sequences) are computed but leave their cache exactly as it was. `mesh`: as `prefill`'s."""
     B = token.shape[0]
     b = jnp.arange(B)
     live = jnp.ones((B,), bool) if live is None else live
@@ -376,6 +378,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     for l, lp in enumerate(params.layers):
         lc = evicted[l]
         q, k, v = qkv(lp, x, p[:, None], cfg)
+        k, v = shd.by_heads(k, 2, mesh), shd.by_heads(v, 2, mesh)
         # Index of each (sequence) or (sequence, KV head) row of the slot arrays: per head, each head writes
         # the new token into its own first empty slot.
         at = (b,) if lc.pos.ndim == 2 else (b[:, None], jnp.arange(lc.pos.shape[1])[None, :])
@@ -390,7 +393,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
                         pos=lc.pos.at[at + (slot,)].set(new_pos, mode="drop"), length=lc.length + room)
         # Slots past the highest one in use are skipped by the attention kernel.
         in_use = jnp.max(jnp.where(lc.pos >= 0, jnp.arange(lc.pos.shape[-1]) + 1, 0))
-        out, prob = decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl)  # prob: pos's shape
+        out, prob = shd.decode_attention(q[:, 0], lc.k, lc.v, lc.pos, p, in_use, impl=impl, mesh=mesh)  # prob: pos's shape
         if lc.rows is not None:
             # A reused slot's column still holds the evicted token's attention in older rows. It is never read:
             # the new token stays in the window (not a candidate) for W steps, by which time every ring row
@@ -399,7 +402,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
         if lc.acc is not None:  # the reused slot starts from this query's attention alone
             lc = lc.replace(acc=lc.acc.at[at + (slot,)].set(0.0, mode="drop")
                             + jnp.where(kvc.per_seq(live, prob), prob, 0.0))
-        x = finish_layer(lp, x, out[:, None], cfg)
+        x = shd.replicated(finish_layer(lp, x, out[:, None], cfg), mesh)
         layers.append(lc)
     cache = cache.replace(layers=tuple(layers), next_pos=p + live)
     if cache.row_pos is not None:
@@ -407,7 +410,7 @@ def decode_step(params: Params, cache: KVCache, token: jax.Array, plan: CachePla
     if plan.policy.gen_rule == "reference":
         cut = live & (cache.compressed_upto + plan.policy.gen_block - 1 <= p - cache.seq.window)
         cache = cache.replace(compressed_upto=cache.compressed_upto + jnp.where(cut, plan.policy.gen_block, 0))
-    return lm_logits(params, x, cfg)[:, 0], cache
+    return shd.replicated(lm_logits(params, x, cfg)[:, 0], mesh), shd.constrain_state(cache, mesh)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -512,19 +515,20 @@ def _is_stop(token: jax.Array, stop: jax.Array) -> jax.Array:
     return jnp.any(token[:, None] == stop, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "window"))
-def prefill_program(params, tokens, seq, req, *, plan, cfg, impl, window):
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "window", "mesh"))
+def prefill_program(params, tokens, seq, req, *, plan, cfg, impl, window, mesh=None):
     """Prefill a batch of admitted requests under their bucket's plan and sample each one's first token.
     Returns (first tokens [N], the cache in the engine's layout (its `window` ring rows), the per-layer cache
     lengths [N, L])."""
     TRACE_COUNTS["prefill"] += 1
-    logits, cache = prefill(params, tokens, seq, plan, cfg, impl)
+    logits, cache = prefill(params, tokens, seq, plan, cfg, impl, mesh)
     first = sample(logits, req.seed, jnp.zeros_like(req.seed), req.temperature, req.top_p, req.top_k)
-    return first, _widen_ring(cache, window), jnp.stack([kvc.held_tokens(lc) for lc in cache.layers], axis=1)
+    return (first, shd.constrain_state(_widen_ring(cache, window), mesh),
+            jnp.stack([kvc.held_tokens(lc) for lc in cache.layers], axis=1))
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def insert_program(state: DecodeState, cache: KVCache, req: Requests, first, slot) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
+def insert_program(state: DecodeState, cache: KVCache, req: Requests, first, slot, mesh=None) -> DecodeState:
     """Write prefilled requests into slots `slot` [N] (data: one program serves every slot; an index past the
     last slot drops its row, as for a prefill batch's filler rows). A request with forced tokens feeds them
     first; one without starts from its sampled first token, already counted."""
@@ -534,13 +538,14 @@ def insert_program(state: DecodeState, cache: KVCache, req: Requests, first, slo
     count = from_prefill.astype(jnp.int32)
     done = from_prefill & (_is_stop(first, req.stop) | (count >= req.max_new))
     token = jnp.where(from_prefill, first, req.forced[:, 0])
-    return DecodeState(cache=jax.tree.map(put, state.cache, cache), req=jax.tree.map(put, state.req, req),
-                       token=put(state.token, token), count=put(state.count, count),
-                       fed=put(state.fed, jnp.zeros_like(count)), done=put(state.done, done))
+    return shd.constrain_state(DecodeState(
+        cache=jax.tree.map(put, state.cache, cache), req=jax.tree.map(put, state.req, req),
+        token=put(state.token, token), count=put(state.count, count), fed=put(state.fed, jnp.zeros_like(count)),
+        done=put(state.done, done)), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "steps"), donate_argnames=("state",))
-def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, cfg, impl, steps):
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "steps", "mesh"), donate_argnames=("state",))
+def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, cfg, impl, steps, mesh=None):
     """Up to `steps` decode steps for every slot: a slot first feeds its forced tokens (appended to its
     compressed cache with eviction active, as `extend`), then samples up to `max_new` tokens with its own seed
     and its own count of generated tokens, so its output depends on nothing else in the batch, nor on `steps`.
@@ -560,7 +565,7 @@ def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, 
     def body(carry):
         i, st, out = carry
         r = st.req
-        logits, cache = decode_step(params, st.cache, st.token, plan, cfg, impl, live=~st.done)
+        logits, cache = decode_step(params, st.cache, st.token, plan, cfg, impl, live=~st.done, mesh=mesh)
         sampled = sample(logits, r.seed, st.count, r.temperature, r.top_p, r.top_k)
         feeding = st.fed + 1 < r.n_forced  # the next input is still a forced token
         emit = ~feeding & ~st.done
@@ -575,12 +580,16 @@ def decode_program(params, state: DecodeState, cancel, exit_on_finish, *, plan, 
     return state, out, jnp.stack([kvc.held_tokens(lc) for lc in state.cache.layers], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl"), donate_argnames=("cache",))
 def extend(params: Params, cache: KVCache, tokens: jax.Array, plan: CachePlan, cfg: ModelConfig,
            impl: str = "auto", targets: jax.Array | None = None):
     """Append `tokens` [B, n] to an existing (possibly compressed) cache, one decode step per token with the
     policy's eviction active. Returns (logits after the last token [B, V], the NLL of `targets` [B, n] under
-    each step's logits or None, the cache). The plan must have room: n counts as new tokens."""
+    each step's logits or None, the cache, which is donated). The plan must have room: n counts as new tokens."""
+    return _extend(params, cache, tokens, plan, cfg, impl, targets, mesh=shd.mesh_of(params))
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cfg", "impl", "mesh"), donate_argnames=("cache",))
+def _extend(params, cache, tokens, plan, cfg, impl, targets, *, mesh):
     validate.token_array(tokens, "tokens", cache.next_pos.shape[0])
     if targets is not None:
         validate.token_array(targets, "targets", cache.next_pos.shape[0], tokens.shape[1])
@@ -589,7 +598,7 @@ def extend(params: Params, cache: KVCache, tokens: jax.Array, plan: CachePlan, c
     def step(carry, xs):
         cache, _ = carry
         token, target = xs
-        logits, cache = decode_step(params, cache, token, plan, cfg, impl)
+        logits, cache = decode_step(params, cache, token, plan, cfg, impl, mesh=mesh)
         return (cache, logits.astype(jnp.float32)), None if target is None else _nll(logits, target)
 
     xs = (tokens.T, None if targets is None else targets.T)
@@ -684,6 +693,7 @@ def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, su
     stats = dict(
         policy=cfg.policy.name, compressed=policy is cfg.policy, prompt_bucket=S, new_bucket=T, batch_bucket=B,
         kv_bytes=int(sum(per_layer)), kv_bytes_per_layer=[int(b) for b in per_layer], full_kv_bytes=int(full),
+        kv_bytes_per_device=int(engine.kv_bytes_per_device), tp=shd.tp_size(engine.mesh),
         kv_fraction=sum(per_layer) / full, capacity_per_layer=list(plan.capacity),
         lengths_after_prefill=after_prefill.tolist(), lengths_at_end=at_end.tolist(),
         live_kv_bytes=int(at_end.sum() * per_token), live_kv_fraction=float(at_end.sum() * per_token / requested),
@@ -703,9 +713,9 @@ def logits(params: Params, tokens, config: ModelConfig) -> jax.Array:
         raise ValueError(f"tokens has {toks.shape[1]} tokens per row, more than the model's {config.max_positions} "
                          "positions; pass shorter rows")
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
-    return _forward_jit(params, jnp.asarray(toks, jnp.int32), jnp.asarray(pos), config)
+    return _forward_jit(params, jnp.asarray(toks, jnp.int32), jnp.asarray(pos), config, mesh=shd.mesh_of(params))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _forward_jit(params, tokens, pos, config):
-    return forward(params, tokens, pos, config)
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _forward_jit(params, tokens, pos, config, mesh):
+    return forward(params, tokens, pos, config, between_layers=lambda x: shd.replicated(x, mesh))

@@ -57,22 +57,24 @@ def attention(q: Float[Array, "B T H hd"], k: Float[Array, "B S K hd"], v: Float
 
 
 def mlp(lp: LayerParams, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    return (jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)) @ lp.w_down
+    gate_up = jnp.einsum("btd,dcf->btcf", x, lp.w_gate_up)  # one matmul for both: [B, T, 2, F]
+    return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ lp.w_down
 
 
 def queries(lp: LayerParams, x: Float[Array, "B T D"], pos: Int[Array, "B T"], cfg: ModelConfig):
-    """Rotated queries [B, T, H, hd] alone (the pyramid's window scoring recomputes them for W rows)."""
-    q = rearrange(rms_norm(x, lp.attn_norm, cfg.norm_eps) @ lp.wq, "b t (n d) -> b t n d", d=cfg.head_dim)
-    return rope(q, pos, cfg.rope_theta)
+    """Rotated queries [B, T, H, hd] alone (the pyramid's window scoring recomputes them for W rows): the query
+    columns of wqkv only."""
+    q = jnp.einsum("btd,dkgh->btkgh", rms_norm(x, lp.attn_norm, cfg.norm_eps), lp.wqkv[:, :, :-2])
+    return rope(rearrange(q, "b t k g h -> b t (k g) h"), pos, cfg.rope_theta)
 
 
 def qkv(lp: LayerParams, x: Float[Array, "B T D"], pos: Int[Array, "B T"], cfg: ModelConfig):
-    """Normalise, project and rotate: q [B,T,H,hd], k and v [B,T,K,hd] (k after RoPE, as cached)."""
+    """Normalise, project (one fused matmul) and rotate: q [B,T,H,hd], k and v [B,T,K,hd] (k after RoPE, as
+    cached). K here is the weights' (virtual) KV heads: K*kv_copies under tensor parallelism."""
     h = rms_norm(x, lp.attn_norm, cfg.norm_eps)
-    q = rearrange(h @ lp.wq, "b t (n d) -> b t n d", d=cfg.head_dim)
-    k = rearrange(h @ lp.wk, "b t (n d) -> b t n d", d=cfg.head_dim)
-    v = rearrange(h @ lp.wv, "b t (n d) -> b t n d", d=cfg.head_dim)
-    return rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta), v
+    y = jnp.einsum("btd,dkgh->btkgh", h, lp.wqkv)  # [B, T, K, G + 2, hd]: per KV head its queries, key, value
+    q = rearrange(y[:, :, :, :-2], "b t k g h -> b t (k g) h")
+    return rope(q, pos, cfg.rope_theta), rope(y[:, :, :, -2], pos, cfg.rope_theta), y[:, :, :, -1]
 
 
 def finish_layer(lp: LayerParams, x, attn_out: Float[Array, "B T H hd"], cfg: ModelConfig):
@@ -87,10 +89,12 @@ def lm_logits(params: Params, x: Float[Array, "B T D"], cfg: ModelConfig) -> Flo
     return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, tokens: Int[Array, "B T"], pos: Int[Array, "B T"], cfg: ModelConfig):
-    """Full-sequence logits with no cache (the reference path for perplexity and checks)."""
+def forward(params: Params, tokens: Int[Array, "B T"], pos: Int[Array, "B T"], cfg: ModelConfig,
+            between_layers=lambda x: x):
+    """Full-sequence logits with no cache (the reference path for perplexity and checks). `between_layers`
+    maps each layer's output (tensor parallelism pins it replicated there)."""
     x = embed(params, tokens)
     for lp in params.layers:
         q, k, v = qkv(lp, x, pos, cfg)
-        x = finish_layer(lp, x, attention(q, k, v, pos, pos), cfg)
+        x = between_layers(finish_layer(lp, x, attention(q, k, v, pos, pos), cfg))
     return lm_logits(params, x, cfg)

@@ -470,9 +470,11 @@ def build(args):
     on_gpu = jax.default_backend() == "gpu"
     dtype = {"auto": jnp.bfloat16 if on_gpu else jnp.float32, "bfloat16": jnp.bfloat16,
              "float32": jnp.float32}[args.dtype]
+    mesh = pyrajax.make_mesh(tp=args.tp) if args.tp > 1 else None  # the engine runs over the params' mesh
     if args.random:
+        from pyrajax import sharding
         cfg = pyrajax.preset(args.random)
-        params = pyrajax.random_params(jax.random.key(args.seed), cfg, dtype=dtype)
+        params = sharding.random_params(jax.random.key(args.seed), cfg, mesh, dtype=dtype)
         name = f"random-{args.random}"
         tokenizer = get_tokenizer(pyrajax.GenerationConfig(model=cfg, tokenizer=args.tokenizer)) if args.tokenizer else None
     else:
@@ -480,7 +482,7 @@ def build(args):
 
         from checkpoints_convert.embedded import default_model_dir
         path = Path(args.checkpoint) if args.checkpoint else default_model_dir()
-        params, cfg = pyrajax.load(path, dtype=dtype)
+        params, cfg = pyrajax.load(path, dtype=dtype, mesh=mesh)
         name = path.name
         tokenizer = get_tokenizer(cfg)
     policies = resolve_policies(args.cache)
@@ -513,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prefill-batch", type=int, default=4, help="arrivals of one bucket prefilled together")
     ap.add_argument("--warmup", action="store_true", help="compile every program before serving")
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "xla"])
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (the model split over them)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--served-model-name")
     ap.add_argument("--host", default="127.0.0.1")
