@@ -53,9 +53,10 @@ def test_serve_load_is_poisson_and_summarized():
     """bench serve's workload (Poisson arrivals, lengths in range) and its percentiles, without a server."""
     import argparse
     import numpy as np
-    from bench.serve import summarize, workload
+    from bench.serve import requests_per_rate, summarize, workload
     args = argparse.Namespace(requests=2000, prompt_min=128, prompt_max=2048, new_min=64, new_max=512)
-    w = workload(args, rate=4.0, vocab=1000, seed=0)
+    assert requests_per_rate(args, 32) == 2000 and requests_per_rate(args, 1000) == 3000  # 3 per slot at least
+    w = workload(args, rate=4.0, vocab=1000, seed=0, n=requests_per_rate(args, 32))
     times = np.array([t for t, _, _ in w])
     assert times[0] == 0 and np.all(np.diff(times) >= 0)
     assert abs(len(w) / times[-1] - 4.0) < 0.4  # mean rate
