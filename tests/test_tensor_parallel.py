@@ -126,6 +126,11 @@ else:
             heads_per_device = max(kv_heads // tp, 1)
             assert got.stats["kv_bytes_per_device"] * kv_heads == want.stats["kv_bytes"] * heads_per_device
 
+    def test_per_head_selection_is_refused_under_tensor_parallelism():
+        params, cfg = model(2)
+        with pytest.raises(ValueError, match="per_head cache selection does not run tensor-parallel"):
+            run(pyrajax.shard(params, cfg, pyrajax.make_mesh(tp=2)), cfg, "snapkv-0.45:min_tokens=0:per_head=true")
+
     def test_engine_state_is_split_over_kv_heads_and_compiles_once_per_bucket():
         params, cfg = model(2)
         mesh = pyrajax.make_mesh(tp=4)
