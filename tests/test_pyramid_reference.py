@@ -407,9 +407,9 @@ def model_and_prompts(model_name: str, seed: int, lens):
 
 
 # Every policy on the first model; on the others (more layers and heads, and one KV head) the policies whose
-# mechanisms differ most: the reference schedule, budgets with a mask, late pruning, and the stronger scorers
+# mechanisms differ most: the reference schedule, budgets with a mask, late pruning, and the stronger scorer
 # (each case compiles its own programs: the whole matrix would take a quarter of the suite).
-WIDE = ("reference", "budget+mask", "h2o+mask", "pyramid", "window->acc", "snap->acc+value", "tova")
+WIDE = ("reference", "budget+mask", "pyramid", "snap->acc+value")
 CASES = [(m, p) for m in sorted(MODELS) for p in sorted(POLICIES) if m == "h4kv2-L3" or p in WIDE]
 
 
