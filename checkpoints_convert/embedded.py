@@ -28,12 +28,12 @@ def _cache_lock(root: Path):
     """One process at a time fetches or converts into the cache (two demos, or parallel test workers, starting
     together would otherwise both write the same checkpoint)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(root, os.O_RDONLY)  # the directory itself: no lock file is left in the cache
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
