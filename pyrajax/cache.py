@@ -66,7 +66,8 @@ class PyramidConfig:
         `propagate` times its own cache; each layer then selects its cache from the tokens that reached it
         (FastKV-style late pruning). prune_from=0, propagate=1 is PyramidInfer: a layer caches what enters it.
     budget_profile: how the budget is spread over layers: "pyramid" (cosine, high to low), "linear" (PyramidKV)
-        or "uniform" (the same budget at every layer). With prune_hidden, layer 0 holds the whole prompt.
+        or "uniform" (the same budget at every layer). Under coupled pruning (`layer0_holds_prompt`) layer 0
+        holds the whole prompt.
     scorer: what a token's importance is. "window": the recency-weighted mean attention of the last W queries
         (max-pooled over `pool_kernel` neighbouring keys in prefill when > 1, as SnapKV); "accumulated": the
         attention summed over every query so far (H2O's heavy hitters); "recency": its position (StreamingLLM:
@@ -241,6 +242,13 @@ class PyramidConfig:
         return self.prune_from > 0 or self.propagate > 1
 
     @property
+    def layer0_holds_prompt(self) -> bool:
+        """PyramidInfer proper (hidden-state pruning from the first layer, a layer caches what enters it): layer
+        0 caches the whole prompt, which every deeper layer's tokens are chosen from. With decoupled
+        propagation each layer selects its own cache from the tokens that reached it, layer 0 included."""
+        return self.prune_hidden and not self.decoupled
+
+    @property
     def adaptive(self) -> bool:
         """KV heads of a layer split its tokens unevenly (AdaKV)."""
         return self.per_head and self.head_budget == "adaptive"
@@ -290,6 +298,9 @@ FAMILIES = {
     # language modelling). The settings won `bench.pyramid_sweep`'s ablation (variant "snap+acc"; SPEC §5).
     "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="window", observe=32, pool_kernel=7,
                     recency_weight=(1.0, 1.0), gen_scorer="accumulated"),
+    # AdaKV-SnapKV: SnapKV's scores per KV head, a layer's tokens split over its heads by one top-k
+    "adakv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7,
+                  per_head=True, head_budget="adaptive"),
     # TOVA: the newest query's head-averaged attention decides (here in blocks of gen_block, like every family)
     "tova": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), observe=1),
 }
@@ -390,8 +401,8 @@ def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_
                       protected: int = 0) -> list[int]:
     """Per-layer budgets (tokens) of one request, never growing with depth.
 
-    A fraction budget F shares F * L * (S + T) tokens over the layers, a token budget B shares B * L. With
-    `prune_hidden`, layer 0 holds the whole prompt plus one block (every prompt token enters layer 0). The
+    A fraction budget F shares F * L * (S + T) tokens over the layers, a token budget B shares B * L. Under
+    PyramidInfer's coupled pruning (`layer0_holds_prompt`), layer 0 holds the whole prompt plus one block. The
     other layers share the rest by `budget_profile` ("pyramid" falls along a cosine, "linear" along a line,
     both symmetric about the mean; "uniform" is flat). No layer gets less than `smallest_cache` (sinks, window,
     two blocks, the floor) or more than the request needs; a request that fits under that minimum is not
@@ -403,7 +414,7 @@ def budget_capacities(policy: PyramidConfig, prompt_len: int, max_new: int, num_
     if full <= lo:
         return [full] * L
     # Layer 0's size does not depend on T (S + E even when T < E), so deeper budgets never shrink as T grows.
-    fixed = [max(lo, S + E)] if policy.prune_hidden else []
+    fixed = [max(lo, S + E)] if policy.layer0_holds_prompt else []
     n = L - len(fixed)
     total = math.floor(policy.budget * L * full) if policy.budget_is_fraction else policy.budget * L
     mean = max((total - sum(fixed)) / max(n, 1), lo)

@@ -356,28 +356,35 @@ def agreement(params, cfg, prompts, policy, n: int = 64, reference: list[list[in
 RULER_PROTOCOLS = ("aware", "agnostic")
 
 
-def ruler_requests(samples: list[dict], protocol: str, new_tokens: int | None = None) -> list[dict]:
+def ruler_requests(samples: list[dict], protocol: str, new_tokens: int | None = None,
+                   one_bucket: bool = False) -> list[dict]:
     """Requests of `run_requests` for RULER samples. "aware": the prompt is `aware_ids` (question before and
     after the haystack); "agnostic": the prompt is `context_ids`, compressed before the question, which
     follows as the suffix (`question_ids`, forced through decode steps with eviction active). `new_tokens`:
     every request's generation budget (None: RULER's, 128 niah and 30 vt; the answers are shorter). One
-    budget for all tasks and one group per prompt length keep the compiled programs few."""
+    budget for all tasks and one group per prompt length keep the compiled programs few; `one_bucket`: one
+    group for every length, so every batch pads to the longest prompt and one prefill and one decode program
+    serve them all (where compiling costs more than the padded compute: a GPU; the scores are the same, as a
+    sequence's output does not depend on its padding)."""
     if protocol not in RULER_PROTOCOLS:
         raise ValueError(f"unknown RULER protocol {protocol!r}; use one of {RULER_PROTOCOLS}")
     aware = protocol == "aware"
     return [dict(prompt=s["aware_ids"] if aware else s["context_ids"], suffix=[] if aware else s["question_ids"],
-                 max_new=new_tokens or s["max_new_tokens"], group=s["length"]) for s in samples]
+                 max_new=new_tokens or s["max_new_tokens"], group="all" if one_bucket else s["length"])
+            for s in samples]
 
 
 def ruler_eval(params, cfg, samples: list[dict], policy, protocol: str, new_tokens: int | None = None,
-               batch: int = 8, batch_tokens: int | None = None, progress: bool = True, impl: str = "auto") -> dict:
+               batch: int = 8, batch_tokens: int | None = None, progress: bool = True, impl: str = "auto",
+               one_bucket: bool = False) -> dict:
     """Greedy answers to RULER samples under `policy`, scored by RULER's string match, in points (0-100).
     Returns per (task, length) cell its score and the sums its summary needs (KV bytes, prefill FLOPs), plus
     every answer (texts) and per-sample score."""
     from pyrajax.tasks.ruler import score
     policy = as_policy(policy)
-    outs = run_requests(params, cfg, policy, ruler_requests(samples, protocol, new_tokens), batch, batch_tokens,
-                        f"ruler-{protocol} {policy.name}", progress, impl)
+    requests = ruler_requests(samples, protocol, new_tokens, one_bucket)
+    outs = run_requests(params, cfg, policy, requests, batch, batch_tokens, f"ruler-{protocol} {policy.name}",
+                        progress, impl)
     points = [100.0 * score(s, o["text"]) for s, o in zip(samples, outs)]
     cells: dict = {}
     for s, o, pt in zip(samples, outs, points):
@@ -691,7 +698,7 @@ def _grid_row(task: str, name: str, params, cfg, args, data: dict, rows: dict) -
                    capacity_per_layer=r["capacity_per_layer"])
     elif task.startswith("ruler-"):
         r = ruler_eval(params, cfg, data["ruler"], policy, task[6:], args.ruler_new_tokens, args.batch,
-                       args.batch_tokens, **kw)
+                       args.batch_tokens, one_bucket=args.ruler_one_bucket, **kw)
         row.update(length=max(args.ruler_lengths), cells=r["cells"])
         if name == "full":  # the calibration's answers, to read what the model says
             row["texts"] = r["texts"]
@@ -814,6 +821,9 @@ def grid_parser() -> argparse.ArgumentParser:
                     help="query-aware (question in the prompt) and/or query-agnostic (asked after compression)")
     ap.add_argument("--ruler-new-tokens", type=cli_int(1),
                     help="generation budget of every RULER request (0: RULER's own, 128 niah and 30 vt)")
+    ap.add_argument("--ruler-one-bucket", action="store_true",
+                    help="pad every RULER prompt to the longest length's bucket: one prefill and one decode program "
+                         "per policy instead of one per length (same scores; for a GPU, where compiling dominates)")
     ap.add_argument("--ruler-calibration", type=float, default=80.0,
                     help="points the full cache must score on a (task, length) cell for it to count")
     ap.add_argument("--chat-n", type=cli_int(1), help="conversations of the chat set (default: all 36)")

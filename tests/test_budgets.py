@@ -38,7 +38,7 @@ def test_token_budget_capacities(family, L):
             if full <= lo:  # fits under the floor: never compressed
                 assert cap == [full] * L and pre == [S] * L
                 continue
-            shared = cap[1:] if policy.prune_hidden else cap
+            shared = cap[1:] if policy.layer0_holds_prompt else cap
             # the layers share B * L tokens (layer 0 of PyramidInfer holds the whole prompt + one block)
             if min(shared) > lo and max(shared) < full:
                 assert sum(cap) <= B * L, (sum(cap), B * L)

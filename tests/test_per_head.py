@@ -305,7 +305,8 @@ def test_options_presets_and_validation():
     assert cache_preset("snapkv-0.45:per_head=True,head_floor=0.5").head_floor == 0.5
     # Off by default: every preset keeps one token set per layer, the paper preset its exact fields.
     assert cache_preset("paper") == PyramidConfig(name="paper") and not cache_preset("paper").per_head
-    assert not any(cache_preset(f"{family}-0.45").per_head for family in kvc.FAMILIES)
+    assert not any(cache_preset(f"{family}-0.45").per_head for family in kvc.FAMILIES if family != "adakv")
+    assert cache_preset("adakv-0.45").adaptive and not cache_preset("adakv-0.45").prune_hidden
     for kw, field in [({"per_head": 1}, "per_head"), ({"head_budget": "greedy"}, "head_budget"),
                       ({"head_budget": "adaptive"}, "head_budget"),  # needs per_head
                       ({"per_head": True, "head_budget": "adaptive"}, "head_budget"),  # needs budget prefill

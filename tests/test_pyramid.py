@@ -147,8 +147,11 @@ def test_every_family_fits_its_budget_at_512_plus_256(family, L):
     assert all(a >= b for a, b in zip(cap, cap[1:])), cap
     pre, _, _, budget = layer_lengths(policy, 512, 256, L)
     assert all(p + policy.gen_block <= c for p, c in zip(pre, cap)) and tuple(budget) == cap
-    if policy.prune_hidden:  # every prompt token enters layer 0 and is cached there
+    if policy.layer0_holds_prompt:  # every prompt token enters layer 0 and is cached there
         assert pre[0] == 512 and cap[0] >= 512
+    elif policy.prune_hidden:  # decoupled: every token enters the first layers, each caching its own budget
+        first = round(policy.prune_from * L)
+        assert plan.prefill[:first] == (512,) * first and cap[0] < 512 and plan.prefill[-1] < 512
     else:
         assert plan.prefill == (512,) * L  # every token runs through every layer
         if policy.budget_profile == "uniform":
