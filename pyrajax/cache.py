@@ -298,7 +298,8 @@ FAMILIES = {
     # language modelling). The settings won `bench.pyramid_sweep`'s ablation (variant "snap+acc"; SPEC §5).
     "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="window", observe=32, pool_kernel=7,
                     recency_weight=(1.0, 1.0), gen_scorer="accumulated"),
-    # AdaKV-SnapKV: SnapKV's scores per KV head, a layer's tokens split over its heads by one top-k
+    # AdaKV-SnapKV: SnapKV's scores per KV head, a layer's tokens split over its heads by one top-k. Every head
+    # is allocated the ceiling's slots, so its measured KV exceeds the nominal budget (0.67 at "adakv-0.45")
     "adakv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7,
                   per_head=True, head_budget="adaptive"),
     # TOVA: the newest query's head-averaged attention decides (here in blocks of gen_block, like every family)

@@ -143,10 +143,14 @@ def test_every_family_fits_its_budget_at_512_plus_256(family, L):
     policy = cache_preset(f"{family}-0.45")
     plan = make_plan(policy, 512, 256, L)
     cap = plan.capacity
-    assert sum(cap) / (L * 768) <= 0.454, sum(cap) / (L * 768)
+    # Adaptive head budgets allocate every head the ceiling's slots: up to head_ceiling x the budget (the grid
+    # compares policies at this measured KV, not at the nominal 0.45).
+    bound = 0.454 * (policy.head_ceiling if policy.adaptive else 1.0)
+    assert sum(cap) / (L * 768) <= bound, sum(cap) / (L * 768)
     assert all(a >= b for a, b in zip(cap, cap[1:])), cap
     pre, _, _, budget = layer_lengths(policy, 512, 256, L)
-    assert all(p + policy.gen_block <= c for p, c in zip(pre, cap)) and tuple(budget) == cap
+    assert all(p + policy.gen_block <= c for p, c in zip(pre, cap))
+    assert tuple(budget) == cap or (policy.adaptive and all(b <= c for b, c in zip(budget, cap)))
     if policy.layer0_holds_prompt:  # every prompt token enters layer 0 and is cached there
         assert pre[0] == 512 and cap[0] >= 512
     elif policy.prune_hidden:  # decoupled: every token enters the first layers, each caching its own budget
