@@ -1,7 +1,12 @@
 """Which layers keep a RULER needle whole after prefill, per policy (CPU, the embedded model):
     python bench/needle_probe.py snapkv-0.45 "snapkv-0.45:max_window=64:observe=32"
-# whole in a layer, + in part, . lost."""
-import sys, numpy as np, jax, jax.numpy as jnp, pyrajax
+Per sample and policy one character per layer: # the needle's tokens all cached, + some, . none."""
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+import pyrajax
 from pyrajax import cache as kvc
 from pyrajax.generate import prefill, get_tokenizer, bucket
 from pyrajax.tasks.ruler import ruler_samples
@@ -22,9 +27,9 @@ for s in samples:
         plan = kvc.make_plan(pol, bucket(S, 16), 32, cfg.num_layers)
         seq = kvc.make_seq_plan(plan, [S], 32)
         _, cache = prefill(params, jnp.array([ids + [0] * (plan.prompt_bucket - S)]), seq, plan, cfg, impl="xla")
-        kept = []
+        kept = []  # per layer, the needle's share cached (per-head caches: the mean over KV heads)
         for lc in cache.layers:
-            p = np.asarray(lc.pos[0]); p = set(p.reshape(-1).tolist()) if p.ndim == 1 else [set(h.tolist()) for h in p]
-            kept.append(len(needle & p) / len(needle) if isinstance(p, set) else np.mean([len(needle & h) / len(needle) for h in p]))
+            rows = np.asarray(lc.pos[0]).reshape(-1, lc.pos.shape[-1])  # one row, or one per KV head
+            kept.append(np.mean([len(needle & set(r.tolist())) / len(needle) for r in rows]))
         row.append(f"{name}: " + "".join("#" if k == 1 else ("+" if k > 0 else ".") for k in kept))
     print("\n  ".join(row), flush=True)

@@ -8,7 +8,8 @@ import jax
 
 import pyrajax
 from pyrajax.cache import FAMILIES, PyramidConfig, make_plan
-from pyrajax.eval import INSTRUCTION, NEEDLE, QUESTION, agreement, compare, needle_prompts, perplexity
+from pyrajax.eval import (INSTRUCTION, NEEDLE, QUESTION, agreement, compare, needle_prompts, perplexity,
+                          ruler_requests)
 from tests.conftest import SHARED_DATA
 
 # protect_tail=0: on these 48-token prompts a protected tail would count inside the budget and exceed it
@@ -284,3 +285,14 @@ def test_eval_cli_refuses_bad_arguments_before_loading(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_ruler_requests_group_by_length_or_into_one_bucket():
+    samples = [dict(aware_ids=[5] * n, context_ids=[5] * (n - 3), question_ids=[7, 8], max_new_tokens=30, length=n)
+               for n in (512, 512, 1000)]
+    by_length = ruler_requests(samples, "agnostic")
+    assert [r["group"] for r in by_length] == [512, 512, 1000]
+    assert [(len(r["prompt"]), r["suffix"], r["max_new"]) for r in by_length] == [(509, [7, 8], 30)] * 2 + [(997, [7, 8], 30)]
+    one = ruler_requests(samples, "aware", new_tokens=16, one_bucket=True)
+    assert len({r["group"] for r in one}) == 1 and [len(r["prompt"]) for r in one] == [512, 512, 1000]
+    assert all(r["suffix"] == [] and r["max_new"] == 16 for r in one)
