@@ -202,3 +202,18 @@ def test_a_larger_smallest_bucket_pads_short_prompts_and_keeps_their_output(tiny
     assert stream.bucket == 64
     eng.run()
     assert served(stream)[0] == alone(tiny, ids, 24, POLICIES[0])[0]
+
+
+def test_generate_output_does_not_depend_on_decode_chunk(tiny):
+    """Offline `generate` decodes in one device call by default; chunks of any size give the same tokens and
+    the same caches (a ragged batch, a compressing policy, forced suffix tokens)."""
+    params, cfg = tiny
+    prompts = [list(range(3, 150)), list(range(40, 61))]
+    runs = [pyrajax.generate(params, prompts, pyrajax.GenerationConfig(
+        model=cfg, max_new_tokens=30, cache=POLICIES[1], stop_ids=STOP, decode_chunk=chunk),
+        suffixes=[[9, 10, 11], []]) for chunk in (None, 3, 8)]
+    for r in runs[1:]:
+        assert r.tokens == runs[0].tokens and r.stats["lengths_at_end"] == runs[0].stats["lengths_at_end"]
+    assert runs[0].stats["compressed"] and all(len(t) > 0 for t in runs[0].tokens)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        pyrajax.GenerationConfig(model=cfg, decode_chunk=0)
