@@ -1,6 +1,7 @@
 """Which layers keep a RULER needle whole after prefill, per policy (CPU, the embedded model):
     python bench/needle_probe.py snapkv-0.45 "snapkv-0.45:max_window=64:observe=32"
-Per sample and policy one character per layer: # the needle's tokens all cached, + some, . none."""
+Per sample and policy one character per layer: # the needle's tokens all cached, + some, . none; with per-KV-head
+caches, how many of the layer's KV heads cache the whole needle (a digit), + where none does but some hold part."""
 import sys
 
 import jax.numpy as jnp
@@ -27,9 +28,12 @@ for s in samples:
         plan = kvc.make_plan(pol, bucket(S, 16), 32, cfg.num_layers)
         seq = kvc.make_seq_plan(plan, [S], 32)
         _, cache = prefill(params, jnp.array([ids + [0] * (plan.prompt_bucket - S)]), seq, plan, cfg, impl="xla")
-        kept = []  # per layer, the needle's share cached (per-head caches: the mean over KV heads)
+        marks = []
         for lc in cache.layers:
             rows = np.asarray(lc.pos[0]).reshape(-1, lc.pos.shape[-1])  # one row, or one per KV head
-            kept.append(np.mean([len(needle & set(r.tolist())) / len(needle) for r in rows]))
-        row.append(f"{name}: " + "".join("#" if k == 1 else ("+" if k > 0 else ".") for k in kept))
+            share = [len(needle & set(r.tolist())) / len(needle) for r in rows]
+            whole = sum(k == 1 for k in share)
+            mark = ("#" if whole else ".") if len(rows) == 1 else (str(whole) if whole else ".")
+            marks.append("+" if not whole and max(share) > 0 else mark)
+        row.append(f"{name}: " + "".join(marks))
     print("\n  ".join(row), flush=True)

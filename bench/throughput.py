@@ -83,8 +83,9 @@ def roofline(cfg, params_bytes: int, batch: int, prompt: int, new: int, stats: d
                 tokens_per_second=batch * new / (prefill_s + decode_s))
 
 
-def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: int) -> dict:
-    gcfg = GenerationConfig(model=cfg, max_new_tokens=new, cache=cache, stop_ids=(), impl=impl)
+def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: int, decode_chunk: int = 0) -> dict:
+    gcfg = GenerationConfig(model=cfg, max_new_tokens=new, cache=cache, stop_ids=(), impl=impl,
+                            decode_chunk=decode_chunk or None)
     t0 = time.perf_counter()
     first = generate(params, prompts, gcfg)
     first_s = time.perf_counter() - t0
@@ -97,7 +98,8 @@ def run_policy(params, cfg, prompts, new: int, cache: str, impl: str, repeat: in
     r = runs[0][1]
     s = r.stats
     assert all(len(t) == new for t in r.tokens), "every token is forced"
-    return dict(cache=cache, impl=impl, wall_seconds=wall, compile_seconds=max(first_s - wall, 0.0),
+    return dict(cache=cache, impl=impl, decode_chunk=decode_chunk or None, wall_seconds=wall,
+                compile_seconds=max(first_s - wall, 0.0),
                 tokens_per_second=len(prompts) * new / wall, prefill_seconds=statistics.median(
                     x.stats["prefill_seconds"] for _, x in runs),
                 decode_ms_per_step=1e3 * statistics.median(x.stats["decode_seconds"] for _, x in runs) / (new - 1),
@@ -137,7 +139,7 @@ def run_in_process(args) -> dict:
     rows = []
     for cache in args.cache:
         for impl in args.impl:
-            row = run_policy(params, cfg, prompts, args.new, cache, impl, args.repeat)
+            row = run_policy(params, cfg, prompts, args.new, cache, impl, args.repeat, args.decode_chunk)
             row["roofline"] = roofline(cfg, params_bytes, args.batch, args.prompt, args.new, row.pop("_stats"),
                                        ceilings, args.tp, params_bytes_per_device if args.tp > 1 else None)
             row["ceilings"] = ceilings
@@ -161,7 +163,8 @@ def run_in_subprocesses(args, runs: list[tuple[str, str]]) -> dict:
             out = Path(tmp) / f"run{i}.json"
             cmd = [sys.executable, "-m", "bench.throughput", "--model", args.model, "--batch", str(args.batch),
                    "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat),
-                   "--cache", cache, "--impl", impl, "--tp", str(args.tp), "--out", str(out)]
+                   "--cache", cache, "--impl", impl, "--tp", str(args.tp), "--decode-chunk", str(args.decode_chunk),
+                   "--out", str(out)]
             if args.commit:
                 cmd += ["--commit", args.commit]
             subprocess.run(cmd, check=True, cwd=REPO)
@@ -178,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", nargs="+", choices=IMPLS, default=["auto"])
     ap.add_argument("--repeat", type=cli_int(1), default=2)
     ap.add_argument("--tp", type=cli_int(1), default=1, help="tensor-parallel devices (the model split over them)")
+    ap.add_argument("--decode-chunk", type=cli_int(0), default=0,
+                    help="decode steps per device call (0: the whole generation in one call, generate's default)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/results/)")
     ap.add_argument("--commit", default=None, help="record this commit (where the machine has no git history)")
     args = ap.parse_args(argv)
