@@ -92,8 +92,8 @@ class PyramidConfig:
         an int >= 16 is a token budget: the layers share budget * num_layers tokens.
     min_tokens: the floor. No layer's cache is cut below it, and a request whose prompt + new tokens fit
         under it is not compressed at all (0 = off). A token budget below the floor lowers it to the budget.
-    max_window: at most this many recent tokens form the window (None: no cap for fraction budgets, a quarter
-        of the mean layer budget for token budgets, so a long prompt's window cannot eat the budget).
+    max_window: at most this many recent tokens form the window (None: no cap for fraction budgets). A token
+        budget also caps it at a quarter of the mean layer budget, so a long prompt's window cannot eat the budget.
     protect_tail: budget policies never evict a prompt's last `protect_tail` tokens when no protect mask is
         given (a chat conversation brings its own: see `pyrajax.prompts`); protect_last_turn: how much of a
         conversation's last user turn its mask protects (its most recent tokens). Protected tokens count
@@ -209,7 +209,7 @@ class PyramidConfig:
         object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
 
     def _least_tokens(self, budget: int) -> int:
-        window = self.max_window if self.max_window is not None else max(1, budget // 4)
+        window = max(1, budget // 4) if self.max_window is None else min(self.max_window, max(1, budget // 4))
         return self.num_sinks + window + self.protect_tail + 2 * self.gen_block
 
     def _smallest_token_budget(self) -> int:
@@ -232,9 +232,10 @@ class PyramidConfig:
     @property
     def window_cap(self) -> int:
         """Most tokens the recent window may hold (0 = no cap)."""
-        if self.max_window is not None:
-            return self.max_window
-        return max(1, self.budget // 4) if self.budget is not None and not self.budget_is_fraction else 0
+        if self.budget is not None and not self.budget_is_fraction:  # the window never eats the token budget
+            quarter = max(1, self.budget // 4)
+            return quarter if self.max_window is None else min(self.max_window, quarter)
+        return self.max_window if self.max_window is not None else 0
 
     @property
     def decoupled(self) -> bool:
@@ -289,21 +290,29 @@ FAMILIES = {
     "budget": dict(),  # PyramidInfer: hidden-state pruning in prefill, cosine budgets, recent-window scores
     "streaming": dict(prune_hidden=False, budget_profile="uniform", scorer="recency"),  # StreamingLLM
     "h2o": dict(prune_hidden=False, budget_profile="uniform", scorer="accumulated"),  # H2O
-    "snapkv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7),
-    "pyramidkv": dict(prune_hidden=False, budget_profile="linear", recency_weight=(1.0, 1.0), pool_kernel=7),
-    # pyrajax's own: still PyramidInfer (deeper layers compute on fewer tokens, chosen by attention), but every
-    # token goes through the first third of the layers, each layer selects its own cache from what reached it
-    # and the budget falls linearly. The prompt's tokens are chosen by the attention of its last 32 queries,
-    # pooled over 7 keys (SnapKV's scorer); decode evicts by accumulated attention (H2O's, the strongest for
-    # language modelling). The settings won `bench.pyramid_sweep`'s ablation (variant "snap+acc"; SPEC §5).
-    "pyramid": dict(prune_from=1 / 3, budget_profile="linear", scorer="window", observe=32, pool_kernel=7,
-                    recency_weight=(1.0, 1.0), gen_scorer="accumulated"),
+    # SnapKV as published: the last 32 queries observe, pooled over 7 keys; a window of at most 64 recent tokens
+    # kept (20 % of a 2k prompt scored 39 RULER points against 69, H200 grid)
+    "snapkv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7,
+                   observe=32, max_window=64),
+    "pyramidkv": dict(prune_hidden=False, budget_profile="linear", recency_weight=(1.0, 1.0), pool_kernel=7,
+                      observe=32, max_window=64),
+    # pyrajax's own: still PyramidInfer (deeper layers compute on fewer tokens, chosen by attention), with the
+    # settings that won the H200 grid (bench/results/quality-smollm2-135m-instruct-H200-*.json, SPEC section 5):
+    # every token goes through the first half of the layers; from there each layer's input is cut to 1.5 times
+    # its cache (so prefill FLOPs fall to about 0.8 of the full cache's at 45 %) and each layer selects its own
+    # cache from what reached it. Importance is the newest query's attention (TOVA's scorer: the question's last
+    # token finds the needle, where an average over many window queries dilutes it), in prefill and decoding
+    # (accumulated attention evicted RULER's needles while answering: 34.5 -> 22.5 points), and the kept window
+    # is at most 64 tokens (20 % of a 2k prompt crowds out the selected tokens).
+    "pyramid": dict(prune_from=0.5, propagate=1.5, budget_profile="uniform", scorer="window", observe=1,
+                    recency_weight=(1.0, 1.0), max_window=64),
     # AdaKV-SnapKV: SnapKV's scores per KV head, a layer's tokens split over its heads by one top-k. Every head
     # is allocated the ceiling's slots, so its measured KV exceeds the nominal budget (0.67 at "adakv-0.45")
     "adakv": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), pool_kernel=7,
-                  per_head=True, head_budget="adaptive"),
+                  observe=32, max_window=64, per_head=True, head_budget="adaptive"),
     # TOVA: the newest query's head-averaged attention decides (here in blocks of gen_block, like every family)
-    "tova": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), observe=1),
+    # (a window of at most 64 tokens: 79 RULER points against 75.5 with 20 % of the prompt)
+    "tova": dict(prune_hidden=False, budget_profile="uniform", recency_weight=(1.0, 1.0), observe=1, max_window=64),
 }
 
 

@@ -284,7 +284,15 @@ class Engine:
             elif stream in self.waiting:
                 self.waiting.remove(stream)
             self._finish(stream, reason)
-        admitted = self._admit()
+        # The new requests' first tokens are read before the next decode chunk is dispatched: a chunk's dispatch
+        # returns only when its while loop has run (XLA's GPU loops test their condition on the host), so they
+        # would otherwise wait a whole chunk (and prefill time would count as decode time).
+        for rows, first, lengths in self._admit():
+            for stream, token, length in zip(rows, np.asarray(first), np.asarray(lengths)):
+                stream.lengths_after_prefill = stream.lengths_at_end = length.tolist()
+                if stream.finish is None:
+                    stream.first_token_at = time.perf_counter()
+                    self._emit(stream, [] if stream.request.suffix else [int(token)])
         dispatched = None
         if self.running or self._cancel_mask.any():
             owners = list(self.owner)
@@ -299,12 +307,6 @@ class Engine:
         pending, self._pending = self._pending, dispatched
         if pending is not None:
             self._read_chunk(*pending)
-        for rows, first, lengths in admitted:
-            for stream, token, length in zip(rows, np.asarray(first), np.asarray(lengths)):
-                stream.lengths_after_prefill = stream.lengths_at_end = length.tolist()
-                if stream.finish is None:
-                    stream.first_token_at = time.perf_counter()
-                    self._emit(stream, [] if stream.request.suffix else [int(token)])
         return self.busy
 
     def run(self) -> None:

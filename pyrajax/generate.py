@@ -683,10 +683,9 @@ def generate(params: Params, prompts, cfg: GenerationConfig, *, protect=None, su
         ids=p, max_new=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         seed=cfg.seed, stop_ids=stop, protect=m, suffix=x))) for p, m, x in zip(prompts, masks, suffixes)]
     t0 = time.perf_counter()
-    engine.step()  # every request is admitted at once: one prefill batch, as one batch bucket
-    t1 = time.perf_counter()
-    engine.run()
+    engine.run()  # every request is admitted at once (one prefill batch, as one batch bucket), then decoded
     t2 = time.perf_counter()
+    t1 = max((s.first_token_at for s in streams if s.first_token_at is not None), default=t0)  # prefill's end
 
     tokens_out = [[t for t in s.tokens if t not in stop] for s in streams]
     after_prefill = np.array([s.lengths_after_prefill for s in streams])
