@@ -739,7 +739,7 @@ def _refresh(rows: dict, threshold: float) -> None:
 
 def plot_grid(rows: list[dict], out: Path) -> list[Path]:
     """One PNG per task beside `out`: score against measured KV fraction, one colour per family (fraction
-    budgets solid, token budgets dashed), full and paper as markers."""
+    budgets solid, token budgets dashed), ablations as grey points, full and paper as markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -747,7 +747,13 @@ def plot_grid(rows: list[dict], out: Path) -> list[Path]:
     for task in dict.fromkeys(r["task"] for r in rows if "score" in r):
         rs = [r for r in rows if r["task"] == task and "score" in r]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        fams = list(dict.fromkeys(r["family"] for r in rs if r["family"] not in ("full", "paper")))
+        # Curves for the named families; ablations (a family with field overrides) as grey points, unlabelled
+        ablations = [r for r in rs if ":" in r["family"]]
+        if ablations:
+            ax.scatter([r["kv_fraction"] for r in ablations], [r["score"] for r in ablations], s=12, color="0.6",
+                       zorder=1, label="ablations (overrides)")
+        fams = list(dict.fromkeys(r["family"] for r in rs if r["family"] not in ("full", "paper")
+                                  and ":" not in r["family"]))
         for i, fam in enumerate(fams):
             for tokens, style, marker in ((False, "-", "o"), (True, "--", "s")):
                 pts = sorted((r["kv_fraction"], r["score"]) for r in rs
