@@ -4,6 +4,7 @@ in test_pyramid_reference.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 import pyrajax
-from pyrajax.cache import FAMILIES, PyramidConfig, cache_preset, layer_lengths, make_plan, make_seq_plan
+from pyrajax.cache import (FAMILIES, PyramidConfig, budget_entering_lengths, cache_preset, layer_lengths, make_plan,
+                           make_seq_plan)
 from pyrajax.generate import prefill
 from tests.conftest import SHARED_DATA
 
@@ -155,7 +157,12 @@ def test_every_family_fits_its_budget_at_512_plus_256(family, L):
         assert pre[0] == 512 and cap[0] >= 512
     elif policy.prune_hidden:  # decoupled: every token enters the first layers, each caching its own budget
         first = round(policy.prune_from * L)
-        assert plan.prefill[:first] == (512,) * first and cap[0] < 512 and plan.prefill[-1] < 512
+        assert plan.prefill[:first] == (512,) * first and cap[0] < 512
+        # deeper, propagate x the layer's own keep count enters (pyramid: 1.5 x 329 = 494 tokens, padded to the
+        # 64-slot prefill bucket: 512 slots, so at 512 + 256 its prefill saves nothing)
+        enter = budget_entering_lengths(policy, 512, 256, list(budget))
+        assert enter[first:] == [math.ceil(policy.propagate * (b - policy.gen_block)) for b in budget[first:]]
+        assert enter[-1] < 512
     else:
         assert plan.prefill == (512,) * L  # every token runs through every layer
         if policy.budget_profile == "uniform":

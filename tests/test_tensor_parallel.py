@@ -153,12 +153,39 @@ else:
         # copied twice, each device one head and 2 of its 4 query heads)
         params, cfg = model(2)
         prompts = PROMPTS[1:]
-        cache = "pyramid-0.45:min_tokens=0"  # all four kernels: window rows, accumulated scores, both gathers
+        # all four kernels: window rows, accumulated scores (decode eviction), both gathers
+        cache = "pyramid-0.45:min_tokens=0:gen_scorer=accumulated"
         want = run(params, cfg, cache, impl="pallas", prompts=prompts, new=8)
         assert want.stats["compressed"]
         got = run(pyrajax.shard(params, cfg, pyrajax.make_mesh(tp=4)), cfg, cache, impl="pallas", prompts=prompts,
                   new=8)
         assert got.tokens == want.tokens and got.stats["lengths_at_end"] == want.stats["lengths_at_end"]
+
+    def test_kernels_inside_shard_map_lower_for_cuda(monkeypatch):
+        # The compiled (Triton) path of every shard-mapped kernel at TP 4, lowered for CUDA on this CPU host: each
+        # device runs the Pallas call on its own heads, and only the head-averaged rows cross devices (one psum).
+        import functools
+        import pallas_kernels._common as common
+        monkeypatch.setattr(common, "on_gpu", lambda: True)
+        S, I32, BF, F32 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16, jnp.float32
+        B, H, K, C, hd, W, n, m, D = 4, 8, 4, 96, 64, 13, 80, 40, 512
+        cases = {  # name: (function, argument shapes, Pallas calls, all-reduces)
+            "decode_attention": (shd.decode_attention, (S((B, H, hd), BF), S((B, K, C, hd), BF), S((B, K, C, hd), BF),
+                                                        S((B, C), I32), S((B,), I32), S((), I32)), 1, 1),
+            "window_rows": (shd.window_rows, (S((B, W, H, hd), BF), S((B, n, K, hd), BF), S((B, W), I32),
+                                              S((B, n), I32)), 2, 1),
+            "score_reduction": (shd.score_reduction, (S((B, H, W, hd), BF), S((B, K, n, hd), BF), S((B, W), I32),
+                                                      S((B, n), I32), S((B, W), F32)), 2, 1),
+            "gather_hidden": (shd.gather_hidden, (S((B, m), I32), S((B, n, D), BF), S((B, n), I32)), 1, 0),
+            "gather_kv": (shd.gather_kv, (S((B, m), I32), S((B, n, K, hd), BF), S((B, n, K, hd), BF),
+                                          S((B, n), I32)), 1, 0),
+        }
+        mesh = pyrajax.make_mesh(tp=4)
+        for name, (fn, specs, calls, reduces) in cases.items():
+            text = jax.jit(functools.partial(fn, impl="pallas", mesh=mesh)).trace(*specs).lower(
+                lowering_platforms=("cuda",)).as_text()
+            got = (text.count("__gpu$xla.gpu.triton"), text.count("all_reduce"), text.count("all_gather"))
+            assert got == (calls, reduces, 0), (name, got)
 
     def test_unsharded_checkpoint_restores_into_shards(tmp_path):
         params, cfg = model(2)
