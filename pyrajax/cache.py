@@ -208,9 +208,14 @@ class PyramidConfig:
                  f">= {self._smallest_token_budget()}, or fewer sinks, a smaller max_window, protect_tail or gen_block")
         object.__setattr__(self, "recency_weight", tuple(float(w) for w in self.recency_weight))
 
+    def _token_budget_window(self, budget: int) -> int:
+        """The window cap under token budget `budget`: a quarter of it (the window never eats the budget), and
+        at most max_window."""
+        quarter = max(1, budget // 4)
+        return quarter if self.max_window is None else min(self.max_window, quarter)
+
     def _least_tokens(self, budget: int) -> int:
-        window = max(1, budget // 4) if self.max_window is None else min(self.max_window, max(1, budget // 4))
-        return self.num_sinks + window + self.protect_tail + 2 * self.gen_block
+        return self.num_sinks + self._token_budget_window(budget) + self.protect_tail + 2 * self.gen_block
 
     def _smallest_token_budget(self) -> int:
         b = 16
@@ -232,9 +237,8 @@ class PyramidConfig:
     @property
     def window_cap(self) -> int:
         """Most tokens the recent window may hold (0 = no cap)."""
-        if self.budget is not None and not self.budget_is_fraction:  # the window never eats the token budget
-            quarter = max(1, self.budget // 4)
-            return quarter if self.max_window is None else min(self.max_window, quarter)
+        if self.budget is not None and not self.budget_is_fraction:
+            return self._token_budget_window(self.budget)
         return self.max_window if self.max_window is not None else 0
 
     @property

@@ -271,8 +271,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- the loop
     def step(self) -> bool:
-        """One round: cancellations, admission (prefill + insert), the next decode chunk, then the previous
-        chunk's tokens and the new requests' first tokens. Returns whether work remains."""
+        """One round: cancellations, admission (prefill + insert) and the new requests' first tokens, the next
+        decode chunk, then the previous chunk's tokens. Returns whether work remains."""
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox, cancels, self._cancels = [], self._cancels, []
