@@ -897,45 +897,49 @@ def _worker_argv(argv: list[str]) -> list[str]:
 
 def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, started: float, deadline: float | None,
                  workers: int, write) -> list[str]:
-    """Evaluate each policy of `names` in its own `pyrajax eval grid --policies <name> --append` process, at most
-    `workers` at once, in order. Each starts from a copy of `out` (the full cache's chat answers are reused where
-    they are already there; else a worker generates them with the same full-cache programs its floored chat
-    requests compile anyway) and its rows are merged back as it ends; calibration by the full cache's RULER
-    cells happens at the merge. At the deadline no further policy starts, but the running ones (which got the
-    deadline themselves) are waited for and merged. Returns the policies not started before the deadline."""
+    """Evaluate the policies of `names` in `workers` processes at once (`pyrajax eval grid --policies <share>
+    --append`), process j taking names[j::workers]: a process pays its start (imports, model load, task data,
+    the full cache's chat programs; a third or more of what one policy costs) once for its share, and a run
+    stopped by the deadline has finished the first policies of `names` (the most wanted) first. Each starts from a copy of `out` (the full cache's chat
+    answers are reused where they are already there; else a worker generates them with the same full-cache
+    programs its floored chat requests compile anyway) and its rows are merged back as it ends; calibration by
+    the full cache's RULER cells happens at the merge. At the deadline no further process starts, but the
+    running ones (which got the deadline themselves and stop starting rows before it) are waited for and
+    merged. Returns the policies not started before the deadline."""
     tmp = out.parent / f".{out.stem}-workers"
     tmp.mkdir(exist_ok=True)
     write()  # the rows so far, for the workers to start from
     base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet",
             "--worker"]
     env = dict(os.environ)  # holds grid_main's XLA_PYTHON_CLIENT_MEM_FRACTION: each process's share of the device
-    queue, running, slowest, not_started = list(names), {}, 0.0, []
+    queue = [tuple(names[j::workers]) for j in range(min(workers, len(names)))]
+    running, slowest, not_started = {}, 0.0, []
     while queue or running:
         while queue and len(running) < workers:
             left = None if deadline is None else deadline - (time.monotonic() - started)
             if left is not None and left < 1.2 * slowest + 30:
-                print(f"deadline: {len(queue)} policies not started: {' '.join(queue)}", flush=True)
-                not_started, queue = queue, []
+                not_started, queue = [n for mine in queue for n in mine], []
+                print(f"deadline: {len(not_started)} policies not started: {' '.join(not_started)}", flush=True)
                 break
-            name = queue.pop(0)
-            path = tmp / f"{len(running)}-{abs(hash(name))}.json"
+            mine = queue.pop(0)
+            path = tmp / f"{len(running)}-{abs(hash(mine))}.json"
             path.write_text(out.read_text())
-            cmd = base + ["--policies", name, "--out", str(path)] + ([] if left is None else ["--deadline", str(left)])
+            cmd = base + ["--policies", *mine, "--out", str(path)] + ([] if left is None else ["--deadline", str(left)])
             log = open(path.with_suffix(".log"), "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path, log,
+            running[mine] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path, log,
                              time.monotonic())
         time.sleep(2.0)
-        for name, (proc, path, log, t0) in list(running.items()):
+        for mine, (proc, path, log, t0) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
-            del running[name]
-            slowest = max(slowest, time.monotonic() - t0)
-            got = [r for r in json.loads(path.read_text())["rows"] if r["policy"] == name] if path.exists() else []
+            del running[mine]
+            slowest = max(slowest, (time.monotonic() - t0) / len(mine))
+            got = [r for r in json.loads(path.read_text())["rows"] if r["policy"] in mine] if path.exists() else []
             for r in got:
-                rows.pop((name, r["task"]), None)
-                rows[(name, r["task"])] = r
-            print(f"[worker {name}] exit {proc.returncode}, {len(got)} rows, {time.monotonic() - t0:.0f} s"
+                rows.pop((r["policy"], r["task"]), None)
+                rows[(r["policy"], r["task"])] = r
+            print(f"[worker {' '.join(mine)}] exit {proc.returncode}, {len(got)} rows, {time.monotonic() - t0:.0f} s"
                   + ("" if proc.returncode == 0 else f": see {path.with_suffix('.log')}"), flush=True)
             write()
     return not_started
