@@ -990,6 +990,9 @@ def grid_main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers > 1:  # this process holds the device too: leave room for the workers (read at backend start)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / (args.workers + 1):.3f}")
+        # Allocated as needed, up to that share: 4 and 13 processes each preallocating their share at once
+        # ran out of device memory loading the weights (H200, fa8e293).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
         args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     params, cfg = pyrajax.load(path, dtype=dtype, mesh=pyrajax.make_mesh(tp=args.tp) if args.tp > 1 else None)
