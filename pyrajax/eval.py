@@ -900,41 +900,37 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
     """Evaluate the policies of `names` in `workers` processes at once (`pyrajax eval grid --policies <share>
     --append`), process j taking names[j::workers]: a process pays its start (imports, model load, task data,
     the full cache's chat programs; a third or more of what one policy costs) once for its share, and a run
-    stopped by the deadline has finished the first policies of `names` (the most wanted) first. Each starts from a copy of `out` (the full cache's chat
-    answers are reused where they are already there; else a worker generates them with the same full-cache
-    programs its floored chat requests compile anyway) and its rows are merged back as it ends; calibration by
-    the full cache's RULER cells happens at the merge. At the deadline no further process starts, but the
-    running ones (which got the deadline themselves and stop starting rows before it) are waited for and
-    merged. Returns the policies not started before the deadline."""
+    stopped by the deadline has finished the first policies of `names` (the most wanted) first. Each starts
+    from a copy of `out` (the full cache's chat answers are reused where they are already there; else a worker
+    generates them with the same full-cache programs its floored chat requests compile anyway) and its rows
+    are merged back as it ends; calibration by the full cache's RULER cells happens at the merge. Each process
+    gets the deadline and starts no row that would end past it. Returns the policies not started: all of them
+    when less than 30 s of the deadline is left."""
+    left = None if deadline is None else deadline - (time.monotonic() - started)
+    if left is not None and left < 30:
+        print(f"deadline: {len(names)} policies not started: {' '.join(names)}", flush=True)
+        return list(names)
     tmp = out.parent / f".{out.stem}-workers"
     tmp.mkdir(exist_ok=True)
     write()  # the rows so far, for the workers to start from
     base = [sys.executable, "-m", "pyrajax.eval", "grid", *_worker_argv(argv), "--append", "--no-plots", "--quiet",
-            "--worker"]
+            "--worker"] + ([] if left is None else ["--deadline", str(left)])
     env = dict(os.environ)  # holds grid_main's XLA_PYTHON_CLIENT_MEM_FRACTION: each process's share of the device
-    queue = [tuple(names[j::workers]) for j in range(min(workers, len(names)))]
-    running, slowest, not_started = {}, 0.0, []
-    while queue or running:
-        while queue and len(running) < workers:
-            left = None if deadline is None else deadline - (time.monotonic() - started)
-            if left is not None and left < 1.2 * slowest + 30:
-                not_started, queue = [n for mine in queue for n in mine], []
-                print(f"deadline: {len(not_started)} policies not started: {' '.join(not_started)}", flush=True)
-                break
-            mine = queue.pop(0)
-            path = tmp / f"{len(running)}-{abs(hash(mine))}.json"
-            path.write_text(out.read_text())
-            cmd = base + ["--policies", *mine, "--out", str(path)] + ([] if left is None else ["--deadline", str(left)])
-            log = open(path.with_suffix(".log"), "w")
-            running[mine] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path, log,
-                             time.monotonic())
+    running = {}
+    for j in range(min(workers, len(names))):
+        mine = tuple(names[j::workers])
+        path = tmp / f"{j}-{abs(hash(mine))}.json"
+        path.write_text(out.read_text())
+        log = open(path.with_suffix(".log"), "w")
+        running[mine] = (subprocess.Popen(base + ["--policies", *mine, "--out", str(path)], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env), path, log, time.monotonic())
+    while running:
         time.sleep(2.0)
         for mine, (proc, path, log, t0) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[mine]
-            slowest = max(slowest, (time.monotonic() - t0) / len(mine))
             got = [r for r in json.loads(path.read_text())["rows"] if r["policy"] in mine] if path.exists() else []
             for r in got:
                 rows.pop((r["policy"], r["task"]), None)
@@ -942,7 +938,7 @@ def _run_workers(argv: list[str], names: list[str], rows: dict, out: Path, start
             print(f"[worker {' '.join(mine)}] exit {proc.returncode}, {len(got)} rows, {time.monotonic() - t0:.0f} s"
                   + ("" if proc.returncode == 0 else f": see {path.with_suffix('.log')}"), flush=True)
             write()
-    return not_started
+    return []
 
 
 def _too_late(rows: dict, task: str, started: float, deadline: float | None, margin: float = 15.0) -> bool:
