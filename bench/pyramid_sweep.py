@@ -1,13 +1,13 @@
 """The ablation sweep that chooses the `pyramid` family's settings (the best-policy issue).
 
-Each variant is a complete set of `PyramidConfig` overrides on the `pyramid-<B>` preset, so a row's policy name
-says exactly what ran whatever `cache.FAMILIES["pyramid"]` holds at the time. The variants run inside the
+Each variant is a set of `PyramidConfig` overrides on today's `pyramid-<B>` preset. The variants run inside the
 quality grid (`pyrajax eval grid`, same tasks, same JSON rows) at the sweep budgets; `pick` ranks them there
-and the winner becomes the family:
+(printing the winner's name) and the winner becomes the family:
 
     python -m bench.pyramid_sweep policies --budgets 0.45 256          # names for `pyrajax eval grid --policies`
     python -m bench.pyramid_sweep pick --grid bench/results/quality-smollm2-135m-instruct.json --budgets 0.45 256
-    python -m bench.pyramid_sweep report --grid ... --budgets 0.45 256 --out bench/results/sweep-pyramid-smollm2.json
+    python -m bench.pyramid_sweep report --grid ... --budgets 0.25 0.45 0.6 256 512 \
+        --metrics ppl-2048 ruler-aware --out bench/results/sweep-pyramid-smollm2-135m-instruct-scorer.json
 
 Ranking: per sweep budget and metric (ppl-2048 and ppl-512 over the full cache's, lower is better; the
 calibrated ruler-aware average, higher is better) each variant gets its rank among the variants; the lowest
@@ -21,28 +21,22 @@ import json
 import sys
 from pathlib import Path
 
-# Today's family: accumulated attention (H2O) chooses, every token through the first third of the layers.
-_ACC = "prune_from=0.3333,propagate=1.0,budget_profile='linear',scorer='accumulated',pool_kernel=1"
-# SnapKV-style choice from the last 32 queries, pooled over 7 keys, with late hidden-state pruning.
-_SNAP = ("prune_from=0.3333,propagate=1.0,budget_profile='linear',scorer='window',observe=32,pool_kernel=7,"
-         "recency_weight=(1.0,1.0)")
+# Overrides on today's `pyramid-<B>` (cache.FAMILIES["pyramid"]); "" is the family itself. A grid row keeps the
+# name it ran under (`name_when_measured`, `measured_at`) when a family's defaults later change and the row is
+# renamed to what it means under the new defaults. The sweep of the previous round (accumulated vs window scores,
+# late pruning, propagation, value weighting) is recorded in bench/results/sweep-pyramid-smollm2-135m-instruct.json.
 VARIANTS = {
-    "acc": _ACC,
-    "snap": _SNAP,
-    "snap-max": _SNAP + ",window_reduce='max'",
-    "snap+acc": _SNAP + ",gen_scorer='accumulated'",
-    "snap-max+acc+v": _SNAP + ",window_reduce='max',gen_scorer='accumulated',value_weighted=True",
-    "snap+acc-p2": _SNAP.replace("propagate=1.0", "propagate=2.0") + ",gen_scorer='accumulated'",
-    "snap+acc-late": _SNAP.replace("prune_from=0.3333", "prune_from=0.5") + ",gen_scorer='accumulated'",
-    "snap+v": _SNAP + ",value_weighted=True",
+    "obs32-pool21": "",  # the family: the last 32 queries' attention, max-pooled over 21 keys
+    "newest-pool21": "observe=1",  # the newest query alone (TOVA's scorer), pooled over 21 keys
+    "newest": "observe=1:pool_kernel=1",  # the newest query alone, no pooling (the family until aa33bfe)
 }
-# A fairness check, not a candidate: SnapKV with the same 32-query observation window the variants use.
-CHECKS = {"snapkv-obs32": ("snapkv", "observe=32")}
+# A fairness check, not a candidate: SnapKV pooled as widely as the family.
+CHECKS = {"snapkv-pool21": ("snapkv", "pool_kernel=21")}
 METRICS = (("ppl-2048", False), ("ppl-512", False), ("ruler-aware", True))
 
 
 def policy_name(variant: str, budget: str) -> str:
-    return f"pyramid-{budget}:{VARIANTS[variant]}"
+    return f"pyramid-{budget}" + (f":{VARIANTS[variant]}" if VARIANTS[variant] else "")
 
 
 def policies(budgets: list[str]) -> list[str]:
@@ -50,29 +44,29 @@ def policies(budgets: list[str]) -> list[str]:
     return out + [f"{fam}-{b}:{o}" for b in budgets for fam, o in CHECKS.values()]
 
 
-def _scores(rows: list[dict], budgets: list[str]) -> dict:
+def _scores(rows: list[dict], budgets: list[str], metrics=METRICS) -> dict:
     """{variant: {(budget, metric): value relative to full (ppl) or points (ruler)}} for complete variants."""
     by = {(r["policy"], r["task"]): r for r in rows}
     out = {}
     for v in VARIANTS:
         got = {}
         for b in budgets:
-            for task, _ in METRICS:
+            for task, _ in metrics:
                 r, full = by.get((policy_name(v, b), task)), by.get(("full", task))
                 if r is None or full is None or "score" not in r:
                     break
                 got[(b, task)] = r["score"] if task.startswith("ruler") else r["score"] / full["score"]
-        if len(got) == len(budgets) * len(METRICS):
+        if len(got) == len(budgets) * len(metrics):
             out[v] = got
     return out
 
 
-def rank(rows: list[dict], budgets: list[str]) -> list[tuple[str, int, float]]:
+def rank(rows: list[dict], budgets: list[str], metrics=METRICS) -> list[tuple[str, int, float]]:
     """(variant, rank sum, mean ruler-aware) best first, over the variants with every row present."""
-    scores = _scores(rows, budgets)
+    scores = _scores(rows, budgets, metrics)
     total = {v: 0 for v in scores}
     for b in budgets:
-        for task, higher in METRICS:
+        for task, higher in metrics:
             order = sorted(scores, key=lambda v: -scores[v][(b, task)] if higher else scores[v][(b, task)])
             for i, v in enumerate(order):
                 total[v] += i
@@ -86,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", default=["0.45", "256"])
     ap.add_argument("--grid", type=Path, help="the quality grid JSON holding the variants' rows")
     ap.add_argument("--out", type=Path, help="report: the sweep JSON to write")
+    ap.add_argument("--metrics", nargs="+", choices=[m for m, _ in METRICS], default=[m for m, _ in METRICS],
+                    help="tasks ranked (a variant needs every one at every budget)")
     args = ap.parse_args(argv)
     if args.command == "policies":
         print("\n".join(policies(args.budgets)))
@@ -93,19 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid is None:
         ap.error(f"{args.command} needs --grid")
     grid = json.loads(args.grid.read_text())
-    ranked = rank(grid["rows"], args.budgets)
+    metrics = [m for m in METRICS if m[0] in args.metrics]
+    ranked = rank(grid["rows"], args.budgets, metrics)
     if not ranked:
-        print(f"no variant has every row of {args.budgets} x {[m for m, _ in METRICS]} in {args.grid}",
+        print(f"no variant has every row of {args.budgets} x {args.metrics} in {args.grid}",
               file=sys.stderr)
         return 1
     if args.command == "pick":
-        print(VARIANTS[ranked[0][0]])
+        print(ranked[0][0])
         return 0
     names = set(policies(args.budgets))
-    report = dict(env=grid["env"], budgets=args.budgets, metrics=[m for m, _ in METRICS], variants=VARIANTS,
+    report = dict(env=grid["env"], budgets=args.budgets, metrics=args.metrics, variants=VARIANTS,
                   checks=CHECKS, ranking=[dict(variant=v, rank_sum=s, ruler_aware_mean=r) for v, s, r in ranked],
                   chosen=ranked[0][0], rows=[r for r in grid["rows"] if r["policy"] in names or r["policy"] == "full"])
-    out = args.out or Path("bench/results/sweep-pyramid-smollm2-135m-instruct.json")
+    out = args.out or Path("bench/results/sweep-pyramid-smollm2-135m-instruct-scorer.json")
     out.write_text(json.dumps(report, indent=1))
     for v, s, r in ranked:
         print(f"{v:>16}  rank sum {s:3d}  ruler-aware {r:5.1f}")

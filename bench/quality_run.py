@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                            *SWEEP_BUDGETS], capture_output=True, text=True)
     chosen = pick.stdout.strip()
     print(f"chosen pyramid settings: {chosen or '(none: ' + pick.stderr.strip() + ')'}", flush=True)
-    second = ([f"pyramid-{b}:{chosen}" for b in OTHER_BUDGETS] if chosen else []) + ["paper"]
+    second = ([pyramid_sweep.policy_name(chosen, b) for b in OTHER_BUDGETS] if chosen else []) + ["paper"]
     second += families_at(OTHER_BUDGETS)
     subprocess.run(grid + ["--append", "--deadline", left(), "--policies", *second], check=False)
     return 0

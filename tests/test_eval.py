@@ -264,16 +264,19 @@ def test_pyramid_sweep_ranks_by_rank_sum():
     budgets = ["0.45", "256"]
     rows = [dict(policy="full", task="ppl-2048", score=10.0), dict(policy="full", task="ppl-512", score=20.0),
             dict(policy="full", task="ruler-aware", score=100.0)]
-    # "snap" is best on every metric, "acc" second; "snap+v" lacks a row and is not ranked
-    quality = {"snap": (10.1, 20.2, 90.0), "acc": (10.3, 20.4, 60.0), "snap+v": (10.0, 20.0, 99.0)}
+    # "newest-pool21" is best on every metric, "newest" second; "obs32-pool21" lacks a row and is not ranked
+    quality = {"newest-pool21": (10.1, 20.2, 90.0), "newest": (10.3, 20.4, 60.0), "obs32-pool21": (10.0, 20.0, 99.0)}
     for v, (p2, p5, ra) in quality.items():
         for b in budgets:
             for task, s in (("ppl-2048", p2), ("ppl-512", p5), ("ruler-aware", ra)):
-                if not (v == "snap+v" and b == "256" and task == "ppl-512"):
+                if not (v == "obs32-pool21" and b == "256" and task == "ppl-512"):
                     rows.append(dict(policy=sw.policy_name(v, b), task=task, score=s))
     ranked = sw.rank(rows, budgets)
-    assert [v for v, _, _ in ranked] == ["snap", "acc"]
+    assert [v for v, _, _ in ranked] == ["newest-pool21", "newest"]
     assert ranked[0][1] == 0 and ranked[1][1] == 6 and ranked[0][2] == 90.0
+    assert sw.policy_name("obs32-pool21", "0.45") == "pyramid-0.45"  # the family itself: no empty override
+    # ranked on fewer metrics, the variant without ppl-512 at 256 takes part (and wins)
+    assert sw.rank(rows, budgets, metrics=(("ppl-2048", False), ("ruler-aware", True)))[0][0] == "obs32-pool21"
 
 
 @pytest.mark.parametrize("argv, says", [

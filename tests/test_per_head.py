@@ -199,8 +199,8 @@ PROMPT_LENS = (37, 64, 90)
 STEPS = 24
 SEEDS = {"h4kv2-L3": 0, "h6kv3-L5": 3}
 # Where the model's seed gave a near-tie (seed 0 for h4kv2-L3 with snapkv-adaptive: a greedy top-2 gap of 8e-5;
-# seed 3 for h6kv3-L5 with pyramid-adaptive: a selection margin of 1e-5).
-SEED_FOR_POLICY = {("h4kv2-L3", "snapkv-adaptive"): 4, ("h6kv3-L5", "pyramid-adaptive"): 4}
+# seeds 3 and 4 for h6kv3-L5 with pyramid-adaptive: selection margins of 1e-5 and 8e-5).
+SEED_FOR_POLICY = {("h4kv2-L3", "snapkv-adaptive"): 4, ("h6kv3-L5", "pyramid-adaptive"): 5}
 
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
