@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality_run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline", type=float, default=1260.0, help="seconds for the whole run")
-    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=8)  # 12 ran out of device memory autotuning (H200, aa33bfe)
     ap.add_argument("--commit")
     args, extra = ap.parse_known_args(argv)  # the rest goes to `pyrajax eval grid` (e.g. --essays DIR --text FILE)
     started = time.monotonic()

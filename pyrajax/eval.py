@@ -759,7 +759,9 @@ def plot_grid(rows: list[dict], out: Path) -> list[Path]:
                 pts = sorted((r["kv_fraction"], r["score"]) for r in rs
                              if r["family"] == fam and isinstance(r["budget"], int) == tokens)
                 if pts:
-                    ax.plot(*zip(*pts), style, marker=marker, color=f"C{i % 10}", ms=4,
+                    # C7 is the ablations' grey; pyrajax's own family in black
+                    color = "k" if fam == "pyramid" else f"C{(0, 1, 2, 3, 4, 5, 6, 8, 9)[i % 9]}"
+                    ax.plot(*zip(*pts), style, marker=marker, color=color, ms=4,
                             label=f"{fam} ({'tokens' if tokens else 'fractions'})")
         for name, marker, color in (("full", "*", "k"), ("paper", "X", "0.4")):
             for r in rs:
@@ -863,8 +865,9 @@ def grid_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=cli_int(1), default=1,
                     help="policies evaluated at once, each in its own process (compiling dominates a small "
                          "model's grid, and compiles run in parallel). For many-core CPU hosts: on one GPU without "
-                         "MPS the processes time-slice the device (measured on the H200, 12 workers: 100-330 s per "
-                         "row, where one process alone compiled a policy's programs in 45-74 s)")
+                         "MPS the processes time-slice the device (measured on the H200, 11 workers: 100-330 s per "
+                         "row, where one process alone compiled a policy's programs in 45-74 s; 12 workers ran "
+                         "out of device memory while autotuning, 8 fit)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --workers child: its policies only
     return ap
 

@@ -31,7 +31,8 @@ from pyrajax import sharding as shd
 from pyrajax import validate
 from pyrajax.cache import CachePlan, KVCache, LayerCache, PyramidConfig, SeqPlan
 from pyrajax.config import ModelConfig
-from pyrajax.model import attention, embed, finish_layer, forward, lm_logits, qkv, queries
+from pyrajax.model import (embed, finish_layer, forward, lm_logits, prefill_attention, prefill_attention_path, qkv,
+                           queries)
 from pyrajax.params import Params, check_params
 from pyrajax.prompts import prepare, to_ids
 
@@ -199,6 +200,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
     ring_src = (jnp.arange(W)[None, :] - (seq.prompt_len[:, None] - W)) % W  # ring slot r <- window row
     row_pos = None
     layers = []
+    attention_path = prefill_attention_path(impl, params.embed.dtype, shd.tp_size(mesh) > 1)
     for l, lp in enumerate(params.layers):
         C = plan.capacity[l]
         length = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
@@ -213,7 +215,7 @@ def prefill(params: Params, tokens: jax.Array, seq: SeqPlan, plan: CachePlan, cf
         k, v = shd.by_heads(k, 2, mesh), shd.by_heads(v, 2, mesh)  # the cache's layout (q follows the weights)
         if (policy.scorer == "accumulated" and (prune or trim)) or policy.keeps_accumulated:
             accumulated = _accumulated_scores(q, k, pos, impl, per_head, mesh=mesh)
-        x = shd.replicated(finish_layer(lp, x, attention(q, k, v, pos, pos), cfg), mesh)
+        x = shd.replicated(finish_layer(lp, x, prefill_attention(q, k, v, pos, attention_path), cfg), mesh)
         if windowed:  # [B, W, n] (per head [B, K, W, n]), never [B, H, W, n]
             win_rows = shd.window_rows(q_win, k, win_pos, pos, impl=impl, mesh=mesh, per_head=per_head)
             if row_pos is None:

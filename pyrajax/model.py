@@ -56,6 +56,39 @@ def attention(q: Float[Array, "B T H hd"], k: Float[Array, "B S K hd"], v: Float
     return rearrange(o, "b k g t d -> b t (k g) d")
 
 
+def prefill_attention_path(impl: str, dtype, tensor_parallel: bool) -> str:
+    """Which kernel runs a prefill's self-attention: "cudnn" (fused, never materialising [B, H, S, S]) on a
+    GPU in half precision on one device, where cuDNN's flash attention applies; "masked" (`attention`)
+    elsewhere, and always with impl="xla". cuDNN has no float32 flash attention, and the sharded path keeps
+    XLA's partitioning of the einsums."""
+    gpu = jax.default_backend() in ("gpu", "cuda")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if impl != "xla" and gpu and half and not tensor_parallel else "masked"
+
+
+def prefill_attention(q: Float[Array, "B T H hd"], k: Float[Array, "B T K hd"], v: Float[Array, "B T K hd"],
+                      pos: Int[Array, "B T"], path: str = "masked") -> Float[Array, "B T H hd"]:
+    """Causal self-attention of a prefill's tokens, padding last. Prefill keeps each sequence's tokens as a
+    prefix of its rows in ascending position (padding, pos -1, after them; pruning keeps that order), so the
+    position mask equals an index-causal mask cut at the sequence's length, which is what `jax.nn.
+    dot_product_attention` expresses with `is_causal` and per-sequence lengths ("cudnn", or "xla": the same
+    semantics on any backend, for checks). Padding rows come out as zeros (never read; zeros keep them finite).
+    path="masked": `attention`, from positions."""
+    if path == "masked":
+        return attention(q, k, v, pos, pos)
+    lengths = jnp.sum(pos >= 0, axis=1).astype(jnp.int32)
+    try:
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                         key_value_seq_lengths=lengths, implementation=path)
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # at trace time: no cuDNN, or a shape it refuses
+        if path != "cudnn":
+            raise
+        import warnings
+        warnings.warn(f"cuDNN prefill attention unavailable ({e}); using the masked XLA attention", stacklevel=2)
+        return attention(q, k, v, pos, pos)
+    return jnp.where((pos >= 0)[:, :, None, None], o, 0).astype(q.dtype)
+
+
 def mlp(lp: LayerParams, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     gate_up = jnp.einsum("btd,dcf->btcf", x, lp.w_gate_up)  # one matmul for both: [B, T, 2, F]
     return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ lp.w_down
